@@ -1,0 +1,92 @@
+"""Load params.yaml and validate it against the JSON Schema before any stage works."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from fmnist.constants import PARAMS_FILE
+from fmnist.errors import ParamsError
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The params schema: the one definition of every key, its range and its meaning."""
+    text = resources.files("fmnist").joinpath("params_schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(part) for part in error.absolute_path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable line for the most relevant schema violation."""
+    path = _key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = set(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - allowed)
+        prefix = "" if path == "(top level)" else path + "."
+        return f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})"
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        prefix = "" if path == "(top level)" else path + "."
+        return f"{prefix}{missing[0]}: missing"
+    if error.validator == "propertyNames":
+        return f"{path}: {error.instance!r} is not a tunable train key"
+    if error.validator == "oneOf" and isinstance(error.instance, dict):
+        return f"{path}: give either 'choices' or 'low' and 'high' (got {sorted(error.instance)})"
+    return f"{path}: {error.message}"
+
+
+def validate(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
+    """Raise ParamsError naming the key path and the problem; return params unchanged if valid."""
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(params))
+    if error is not None:
+        raise ParamsError(f"{source}: {_describe(error)}")
+    _check_cross_field(params, source)
+    return params
+
+
+def _check_cross_field(params: dict[str, Any], source: str) -> None:
+    """Rules that JSON Schema cannot express."""
+    train = params["train"]
+    if train["nesterov"] and train["momentum"] == 0:
+        raise ParamsError(f"{source}: train.nesterov: needs train.momentum > 0")
+    for key, entry in params["tune"]["space"].items():
+        if "low" in entry and entry["low"] > entry["high"]:
+            raise ParamsError(f"{source}: tune.space.{key}: low {entry['low']} > high {entry['high']}")
+        if entry.get("log") and entry.get("low", 1) <= 0:
+            raise ParamsError(f"{source}: tune.space.{key}: log scale needs low > 0")
+    if params["tune"]["sampler"] == "grid":
+        ranged = [k for k, e in params["tune"]["space"].items() if "choices" not in e]
+        if ranged:
+            raise ParamsError(f"{source}: tune.space.{ranged[0]}: the grid sampler needs 'choices'")
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read and validate params.yaml; every failure is a one-line ParamsError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot read: {exc}") from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path}: YAML syntax error: {where}{problem}") from None
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return validate(params, str(path))
