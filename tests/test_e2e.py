@@ -1,0 +1,159 @@
+"""The whole pipeline, for real: DVC commands in a fresh git repository on a slice of the real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+
+from fmnist.constants import PREPARED_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not DEBIAN_DATA.is_dir(),
+        reason="needs the Debian package dataset-fashion-mnist (bash scripts/install.sh)",
+    ),
+]
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "e2e",
+    "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
+    "GIT_COMMITTER_NAME": "e2e",
+    "GIT_COMMITTER_EMAIL": "e2e@example.invalid",
+}
+
+SMALL_SLICE = {
+    "data": {"sources": [str(DEBIAN_DATA)]},
+    "preprocess": {"train_subset": 2000},
+    "train": {"epochs": 1, "batch_size": 128},
+    "tune": {"trials": 2, "epochs": 1, "train_subset": 500},
+    "export": {"parity_samples": 200},
+}
+
+
+def _deep_update(target: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **GIT_ENV, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    # Stage commands say `python`: make it the interpreter running the tests.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what a commit of the work tree would hold."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    return [name for name in out.split("\0") if name and (REPO / name).is_file()]
+
+
+def _ran_stages(output: str) -> set[str]:
+    return {
+        stage
+        for stage in ("download", "preprocess", "train", "tune", "evaluate", "export")
+        if f"Running stage '{stage}'" in output
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the project in a new git repository, after a first complete `dvc repro`."""
+    repo = tmp_path_factory.mktemp("e2e") / "project"
+    for name in _project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    _deep_update(params, SMALL_SLICE)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(repo, "git", "init", "-q", "-b", "main")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "project")  # dvclive and `dvc exp` need a commit
+
+    first = _run(repo, "dvc", "repro")
+    assert _ran_stages(first.stdout) == {
+        "download", "preprocess", "train", "tune", "evaluate", "export"
+    }
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "baseline")
+    return repo
+
+
+def test_repro_prepares_the_requested_slice(pipeline: Path) -> None:
+    with h5py.File(pipeline / PREPARED_FILE) as prepared:
+        sizes = {split: len(prepared[split]["labels"]) for split in ("train", "val", "test")}
+    assert sizes == {"train": 2000, "val": 6000, "test": 10000}
+
+
+def test_repro_writes_every_declared_output(pipeline: Path) -> None:
+    for path in [
+        "models/model.pth",
+        "reports/train/metrics.json",
+        "reports/evaluate/metrics.json",
+        "reports/evaluate/report.md",
+        "reports/evaluate/figures/roc.png",
+        "reports/tune/best_params.yaml",
+        "reports/tune/metrics.json",
+        "export/model.pth",
+        "export/weights.h5",
+        "export/model.pt2",
+        "reports/export/metrics.json",
+    ]:
+        assert (pipeline / path).is_file(), path
+    export = json.loads((pipeline / "reports/export/metrics.json").read_text())
+    assert export["parity_ok"] in (True, 1)
+
+
+def test_git_add_all_commits_no_data_or_models(pipeline: Path) -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=pipeline, capture_output=True, text=True, check=True
+    ).stdout.split()
+    heavy = [
+        name for name in tracked
+        if name.startswith(("data/", "models/", "export/", "checkpoints/"))
+        and not name.endswith(".gitignore")
+    ]
+    assert heavy == []
+    assert not [name for name in tracked if name.endswith(".png")]
+
+
+def test_second_repro_changes_nothing(pipeline: Path) -> None:
+    again = _run(pipeline, "dvc", "repro")
+    assert _ran_stages(again.stdout) == set()
+    status = _run(pipeline, "dvc", "status")
+    assert "up to date" in status.stdout
+
+
+def test_exp_run_with_new_rho_reruns_only_downstream_and_diff_shows_it(pipeline: Path) -> None:
+    exp = _run(pipeline, "dvc", "exp", "run", "-S", "train.rho=0.1")
+    assert _ran_stages(exp.stdout) == {"train", "evaluate", "export"}
+    diff = _run(pipeline, "dvc", "metrics", "diff")
+    assert "reports/evaluate/metrics.json" in diff.stdout
+    params_diff = _run(pipeline, "dvc", "params", "diff")
+    assert "train.rho" in params_diff.stdout
+
+
+def test_plots_show_renders_roc_and_confusion(pipeline: Path) -> None:
+    _run(pipeline, "dvc", "plots", "show", "-o", "dvc_plots")
+    html = (pipeline / "dvc_plots" / "index.html").read_text()
+    assert "roc.json" in html and "confusion.json" in html
