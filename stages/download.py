@@ -1,0 +1,18 @@
+"""download stage: the four Fashion-MNIST files into data/raw, verified."""
+
+from typing import Any
+
+from fmnist.constants import RAW_DIR
+from fmnist.download import download_all
+from fmnist.stage import run_stage
+
+
+def main(params: dict[str, Any]) -> None:
+    data = params["data"]
+    used = download_all(data["sources"], RAW_DIR, timeout=data["timeout_s"])
+    for source in dict.fromkeys(used):
+        print(f"download: {used.count(source)} file(s) from {source}")
+
+
+if __name__ == "__main__":
+    run_stage("download", main)
