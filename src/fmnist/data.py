@@ -143,7 +143,7 @@ class BatchIterator:
 def augment_batch(
     x: torch.Tensor, *, flip: bool, crop_padding: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-image random horizontal flips and random crops after zero padding, whole batch at once."""
+    """Per-image random horizontal flips and random crops after zero padding, whole batch."""
     if flip:
         flipped = torch.rand(x.shape[0], generator=generator) < 0.5
         x = torch.where(flipped[:, None, None, None], x.flip(3), x)

@@ -62,7 +62,8 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
         raise ParamsError(f"{source}: train.nesterov: needs train.momentum > 0")
     for key, entry in params["tune"]["space"].items():
         if "low" in entry and entry["low"] > entry["high"]:
-            raise ParamsError(f"{source}: tune.space.{key}: low {entry['low']} > high {entry['high']}")
+            low, high = entry["low"], entry["high"]
+            raise ParamsError(f"{source}: tune.space.{key}: low {low} > high {high}")
         if entry.get("log") and entry.get("low", 1) <= 0:
             raise ParamsError(f"{source}: tune.space.{key}: log scale needs low > 0")
     if params["tune"]["sampler"] == "grid":

@@ -28,7 +28,7 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         take[i] += 1
     rng = np.random.default_rng(seed)
     chosen = [
-        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)
     ]
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 

@@ -1,4 +1,4 @@
-"""The entry point every stage script goes through: one-line errors and exit codes, no tracebacks."""
+"""The entry point of every stage script: one-line errors and exit codes, no tracebacks."""
 
 from __future__ import annotations
 
