@@ -1,15 +1,25 @@
 """Sharpness-Aware Minimization (Foret et al., ICLR 2021) around any torch optimizer.
 
-The interface follows the widely used PyTorch SAM (`first_step`, `second_step`, `step(closure)`),
-with the guarantees that implementation lacks, each in one named place:
+The interface follows the widely used PyTorch SAM (davda54/sam: `first_step`, `second_step`,
+`step(closure)`), with the guarantees that implementation lacks, each in one named place:
 
-- exact restore: `first_step` keeps a copy of the weights and `second_step` copies it back
-  (subtracting the perturbation leaves bf16 rounding errors and, under IPEX weight prepacking,
-  is not seen by the forward pass);
-- one global gradient norm, accumulated in float32 whatever the gradients' dtype;
+- exact restore (`_restore`): `first_step` keeps a copy of the weights and `second_step` copies
+  it back (subtracting the perturbation leaves bf16 rounding errors and, under IPEX weight
+  prepacking, is not seen by the forward pass);
+- one global gradient norm (`_grad_norm`), accumulated in at least float32 whatever the
+  gradients' dtype;
 - `state_dict` carries the base optimizer's state (momentum), so resumed runs continue exactly;
-- `disable_running_stats` and `same_rng` keep BatchNorm statistics and dropout masks of the
-  second (perturbed) pass identical to what a plain step would see.
+- `disable_running_stats` and `same_rng` make the second (perturbed) pass leave BatchNorm
+  statistics alone and draw the first pass's dropout mask.
+
+The training loop, for one SAM step:
+
+    with same_rng() as replay:
+        loss_fn(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        with replay(), disable_running_stats(model):
+            loss_fn(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
 """
 
 from __future__ import annotations
@@ -21,14 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-_EPS = 1e-12
-
 
 class SAM(torch.optim.Optimizer):
     """SAM over `base_optimizer`: a class built over the same params, or a ready instance.
 
     Pass an instance when something else must build the base optimizer (ipex.optimize fuses
-    only a plain SGD, never a wrapper); SAM then drives that instance's param groups.
+    only a plain SGD, never a wrapper); SAM then drives that instance's param groups, and
+    `params` should be the same parameters. Either way `self.param_groups` *is* the base
+    optimizer's list, so an LR scheduler on SAM changes the lr the base optimizer uses.
+    `rho` and `adaptive` (ASAM) may differ per param group.
     """
 
     def __init__(
@@ -43,6 +54,11 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"SAM: rho must be >= 0, got {rho}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
         if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"SAM: {sorted(base_kwargs)} would be ignored: the base optimizer is "
+                    "already built (give them to its constructor)"
+                )
             self.base_optimizer = base_optimizer
         else:
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -63,18 +79,18 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         grad_norm = self._grad_norm()
-        # A zero or non-finite norm gives no direction: stay put rather than write NaN.
-        usable = bool(torch.isfinite(grad_norm)) and float(grad_norm) > 0
+        norm = float(grad_norm)
+        usable = 0 < norm < float("inf")  # zero, inf or NaN: no direction, so stay put
         for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + _EPS)
+            scale = group["rho"] / grad_norm
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self.state[p]["original"] = p.detach().clone()
+                self.state[p]["old_p"] = p.detach().clone()
                 if usable:
-                    e_w = p.grad.float() * scale
+                    e_w = _wide(p.grad) * scale
                     if group["adaptive"]:
-                        e_w = e_w * p.float().square()
+                        e_w = e_w * _wide(p).square()
                     p.add_(e_w.to(p.dtype))
         self._perturbed = True
         if zero_grad:
@@ -87,42 +103,47 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.second_step called without a first_step before it")
         self._restore()
         self.base_optimizer.step()
+        self._opt_called = True  # an LR scheduler on SAM sees this as the optimizer's step
         if zero_grad:
             self.zero_grad()
 
     def _restore(self) -> None:
+        """Copy back the saved weights: bit-exact, and seen by modules that prepacked them."""
         # Every parameter perturbed in first_step, whether or not it has a gradient now.
         for group in self.param_groups:
             for p in group["params"]:
-                original = self.state[p].pop("original", None)
-                if original is not None:
-                    p.copy_(original)
+                old_p = self.state[p].pop("old_p", None)
+                if old_p is not None:
+                    p.copy_(old_p)
         self._perturbed = False
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:  # type: ignore[override]
-        """Both passes; `closure` recomputes the loss and calls backward (the gradient at w
-        must already be computed, as with the two-call API)."""
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Both steps around `closure`, which recomputes the loss and calls backward.
+
+        As in davda54/sam, the gradient at w must already be computed when step is called.
+        """
         if closure is None:
             raise ValueError("SAM.step needs a closure that recomputes the loss and gradients")
         self.first_step(zero_grad=True)
         with torch.enable_grad():
-            closure()
+            loss = closure()
         self.second_step()
+        return loss
 
     def _grad_norm(self) -> torch.Tensor:
-        """One global L2 norm over all gradients (not per tensor), accumulated in float32."""
+        """One global L2 norm over all gradients (not per tensor), accumulated in >= float32."""
         norms = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                g = _wide(p.grad)
                 if group["adaptive"]:
-                    g = g * p.float().abs()
+                    g = g * _wide(p).abs()
                 norms.append(torch.linalg.vector_norm(g))
         if not norms:
             return torch.zeros(())
-        device = norms[0].device
+        device = norms[0].device  # the parameters' device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -134,11 +155,18 @@ class SAM(torch.optim.Optimizer):
         self._share_param_groups()  # loading replaced the base optimizer's group list
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in at least float32 (bf16/fp16 gradients lose the norm; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 @contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm uses batch statistics but updates no buffer (not even num_batches_tracked).
+    """BatchNorm normalizes with batch statistics but updates no buffer, for the second pass.
 
-    Setting momentum to 0 is not enough: num_batches_tracked would still count the pass.
+    Setting momentum to 0 (davda54's bypass_bn) is not enough: num_batches_tracked would still
+    count the pass. In train mode, track_running_stats=False means batch statistics and no
+    buffer updates; in eval mode it changes nothing. The flags come back even on an exception.
     """
     switched = [
         m
@@ -160,7 +188,8 @@ def same_rng() -> Iterator[Callable[[], AbstractContextManager[None]]]:
 
     Usage: `with same_rng() as replay: <first pass>; with replay(): <second pass>`. After the
     replayed block the generator continues where the first pass left it, so a SAM step draws
-    as many random numbers as a plain step.
+    as many random numbers as a plain step. Covers torch's default CPU generator (what CPU
+    dropout draws from).
     """
     start = torch.get_rng_state()
 
