@@ -38,9 +38,12 @@ class Prepared:
 
 
 def _read_split(file: h5py.File, name: str, path: Path) -> Split:
-    if name not in file or "images" not in file[name] or "labels" not in file[name]:
+    group = file.get(name)
+    if not isinstance(group, h5py.Group) or not all(
+        isinstance(group.get(key), h5py.Dataset) for key in ("images", "labels")
+    ):
         raise FmnistError(f"{path}: split {name!r} is missing (rerun preprocess)")
-    images, labels = file[name]["images"], file[name]["labels"]
+    images, labels = group["images"], group["labels"]
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE,) * 2:
         raise FmnistError(
             f"{path}: {name}/images has shape {images.shape} {images.dtype}, "
@@ -74,7 +77,10 @@ def load_prepared(path: str | Path = PREPARED_FILE) -> Prepared:
         raise FmnistError(f"{path}: not a readable HDF5 file ({exc})") from None
     class_names = CLASS_NAMES
     if names is not None:
-        class_names = tuple(json.loads(names) if isinstance(names, str) else map(str, names))
+        try:
+            class_names = tuple(json.loads(names) if isinstance(names, str) else map(str, names))
+        except (ValueError, TypeError):
+            raise FmnistError(f"{path}: unreadable class_names attribute {names!r}") from None
         if len(class_names) != NUM_CLASSES:
             raise FmnistError(f"{path}: {len(class_names)} class names, expected {NUM_CLASSES}")
     return Prepared(class_names=class_names, **splits)

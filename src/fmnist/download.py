@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import shutil
 import sys
 import urllib.error
@@ -44,19 +45,27 @@ def _is_url(source: str) -> bool:
 
 
 def _fetch_url(url: str, dest: Path, timeout: float) -> None:
+    received, total = 0, None
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, dest.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            # disable=None: a progress bar on a terminal only, never in logs or captured stderr.
             with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
-                      leave=False, file=sys.stderr) as bar:
+                      leave=False, file=sys.stderr, disable=None) as bar:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
         raise FmnistError(f"HTTP {exc.code} {exc.reason}") from None
+    except http.client.HTTPException as exc:  # IncompleteRead, BadStatusLine: not OSErrors
+        raise FmnistError(f"broken HTTP response ({type(exc).__name__})") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise FmnistError(f"unreachable ({reason})") from None
+    # http.client reads a connection closed early as a normal end of data.
+    if total is not None and received != total:
+        raise FmnistError(f"incomplete download ({received} of {total} bytes)")
 
 
 def fetch_file(source: str, name: str, dest: Path, timeout: float) -> None:
@@ -79,8 +88,8 @@ def fetch_file(source: str, name: str, dest: Path, timeout: float) -> None:
 def download_all(sources: list[str], out_dir: str | Path, *, timeout: float = 30) -> list[str]:
     """Each file from the first source that serves it intact; returns the source per file.
 
-    Failures of one source are reported (one line each) and the next source is tried; when a
-    file fails everywhere, the error names every source and why.
+    A file found after failures is reported with them (one line); when a file fails
+    everywhere, the one-line error names every source and why.
     """
     out_dir = Path(out_dir)
     used = []
@@ -91,8 +100,10 @@ def download_all(sources: list[str], out_dir: str | Path, *, timeout: float = 30
                 fetch_file(source, name, out_dir / name, timeout)
             except FmnistError as exc:
                 failures.append(f"{source}: {exc}")
-                print(f"download: {source}: {name}: {exc}; trying the next source", file=sys.stderr)
                 continue
+            if failures:
+                print(f"download: {name}: from {source} after " + "; ".join(failures),
+                      file=sys.stderr)
             used.append(source)
             break
         else:

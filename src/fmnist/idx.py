@@ -7,6 +7,7 @@ dimension; the data follows with no padding. Anything else is a one-line FmnistE
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -59,8 +60,9 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise FmnistError(f"{name}: truncated IDX header ({len(data)} of {header} bytes)")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    count = int(np.prod(shape, dtype=np.int64))
-    if count > MAX_ELEMENTS:
+    count = math.prod(shape)  # Python ints: np.prod would wrap 65536**4 round to 0
+    # numpy also refuses (0, 2**31, 2**31): bound the non-zero dimensions too.
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
         raise FmnistError(f"{name}: IDX header declares an implausible shape {shape}")
     dtype = IDX_DTYPES[code]
     expected = header + count * dtype.itemsize
@@ -83,6 +85,8 @@ def encode_idx(array: np.ndarray) -> bytes:
     dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
     if dtype not in _CODES:
         raise FmnistError(f"IDX cannot store dtype {array.dtype}")
+    if not 1 <= array.ndim <= 255 or max(array.shape) >= 1 << 32:
+        raise FmnistError(f"IDX cannot store shape {array.shape}")
     header = struct.pack(">HBB", 0, _CODES[dtype], array.ndim)
     header += struct.pack(f">{array.ndim}I", *array.shape)
     return header + np.ascontiguousarray(array, dtype=dtype).tobytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -22,8 +23,15 @@ def schema() -> dict[str, Any]:
     return json.loads(text)
 
 
+def _name(key: Any) -> str:
+    """A key as the message shows it: plain when printable, else its repr (never a newline)."""
+    if isinstance(key, str):
+        return key if key.isprintable() and key else repr(key)
+    return str(key)  # list indices, and YAML's int/bool/null keys
+
+
 def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    return ".".join(_name(part) for part in error.absolute_path) or "(top level)"
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -31,9 +39,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
     path = _key_path(error)
     if error.validator == "additionalProperties":
         allowed = set(error.schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - allowed)
+        unknown = sorted(set(error.instance) - allowed, key=_name)  # keys of mixed types
         prefix = "" if path == "(top level)" else path + "."
-        return f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})"
+        return f"{prefix}{_name(unknown[0])}: unknown key (allowed: {', '.join(sorted(allowed))})"
     if error.validator == "required":
         missing = [k for k in error.validator_value if k not in error.instance]
         prefix = "" if path == "(top level)" else path + "."
@@ -41,12 +49,33 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "propertyNames":
         return f"{path}: {error.instance!r} is not a tunable train key"
     if error.validator == "oneOf" and isinstance(error.instance, dict):
-        return f"{path}: give either 'choices' or 'low' and 'high' (got {sorted(error.instance)})"
+        got = sorted(map(_name, error.instance))
+        return f"{path}: give either 'choices' or 'low' and 'high' (got {got})"
     return f"{path}: {error.message}"
+
+
+def _first_nan(node: Any, path: str = "") -> str | None:
+    """Key path of the first NaN: JSON Schema's bounds compare False with NaN and let it pass."""
+    if isinstance(node, float) and math.isnan(node):
+        return path or "(top level)"
+    if isinstance(node, dict):
+        children = node.items()
+    elif isinstance(node, list):
+        children = enumerate(node)
+    else:
+        return None
+    for key, child in children:
+        found = _first_nan(child, f"{path}.{_name(key)}" if path else _name(key))
+        if found:
+            return found
+    return None
 
 
 def validate(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     """Raise ParamsError naming the key path and the problem; return params unchanged if valid."""
+    nan_at = _first_nan(params)
+    if nan_at is not None:
+        raise ParamsError(f"{source}: {nan_at}: NaN is not allowed")
     validator = jsonschema.Draft202012Validator(schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(params))
     if error is not None:
@@ -88,6 +117,10 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ParamsError(f"{path}: YAML syntax error: {where}{problem}") from None
+    except ValueError as exc:  # PyYAML's constructors: an impossible date such as 2001-02-30
+        raise ParamsError(f"{path}: unreadable YAML value: {exc}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: YAML nested too deeply") from None
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return validate(params, str(path))

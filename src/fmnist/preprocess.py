@@ -51,12 +51,19 @@ def _load_pair(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"{images_path}: images of shape {images.shape} {images.dtype}, "
             f"expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) uint8"
         )
+    if len(images) == 0:
+        raise FmnistError(f"{images_path}: no images")
     if labels.ndim != 1 or len(labels) != len(images):
         raise FmnistError(
             f"{labels_path}: {labels.shape} labels for {len(images)} images in {images_path.name}"
         )
-    if labels.size and labels.max() >= NUM_CLASSES:
-        raise FmnistError(f"{labels_path}: label {labels.max()} out of range 0..{NUM_CLASSES - 1}")
+    if labels.dtype.kind not in "iu":  # astype(int64) would silently truncate 1.5 to 1
+        raise FmnistError(f"{labels_path}: labels of dtype {labels.dtype}, expected integers")
+    out_of_range = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if out_of_range.size:
+        raise FmnistError(
+            f"{labels_path}: label {out_of_range[0]} out of range 0..{NUM_CLASSES - 1}"
+        )
     return images, labels.astype(np.int64)
 
 
@@ -73,6 +80,12 @@ def prepare(
     train_images, train_labels = _load_pair(raw_dir, "train")
     test_images, test_labels = _load_pair(raw_dir, "test")
     train_idx, val_idx = split_train_val(train_labels, val_fraction, seed)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        empty = "val" if len(train_idx) else "train"
+        raise FmnistError(
+            f"{raw_dir / RAW_FILES['train_images']}: val_fraction {val_fraction} of "
+            f"{len(train_labels)} images leaves an empty {empty} split"
+        )
     if train_subset is not None and train_subset < len(train_idx):
         keep = stratified_indices(train_labels[train_idx], train_subset, seed)
         train_idx = train_idx[keep]
