@@ -1,0 +1,26 @@
+"""Stage evaluate: the trained model on the test split -> metrics, plots, figures, report."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fmnist.constants import EVALUATE_DIR
+from fmnist.evaluate import run
+from fmnist.stage import run_stage
+
+
+def main(params: dict[str, Any]) -> None:
+    start = time.perf_counter()
+    evaluation = run(params)
+    m = evaluation.metrics
+    print(
+        f"evaluate: {m['n_samples']:,} test images with {evaluation.backend_label}: "
+        f"accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, "
+        f"log loss {m['log_loss']:.4f}, ECE {m['ece']:.4f} "
+        f"in {time.perf_counter() - start:.1f} s -> {EVALUATE_DIR}/"
+    )
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)
