@@ -1,4 +1,4 @@
-"""The whole pipeline, for real: DVC commands in a fresh git repository on a slice of the real data."""
+"""The whole pipeline for real: DVC commands in a new git repository, on a slice of real data."""
 
 from __future__ import annotations
 

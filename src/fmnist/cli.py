@@ -1,0 +1,138 @@
+"""The `fmnist` command: `fmnist predict IMAGE... [--model export/model.pth] [--top-k 3] [--json]`.
+
+Exit status: 0 when every image was classified, 1 when some image could not be read (each one
+gets one line on stderr, the others are still classified), 2 for a bad command line or a model
+file that cannot be used, 130 when interrupted. Never a traceback for a user's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from fmnist import __version__
+from fmnist.constants import EXPORT_DIR
+from fmnist.errors import FmnistError
+
+EXIT_OK = 0
+EXIT_BAD_IMAGE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_MODEL = f"{EXPORT_DIR}/model.pth"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmnist", description="Fashion-MNIST CNN trained with SAM."
+    )
+    parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    predict = commands.add_parser(
+        "predict",
+        help="classify image files",
+        description=(
+            "Classify PNG/JPEG files (any size or mode). Images are converted to grayscale, "
+            "trimmed, resized to fit 28x28 keeping the aspect ratio and centred, like "
+            "Fashion-MNIST: a light object on a dark background. Use --invert for photos of "
+            "dark objects on a light background (inversion is never guessed)."
+        ),
+    )
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model file, .pth or .h5 (default: {DEFAULT_MODEL})",
+    )
+    predict.add_argument(
+        "--top-k", type=_positive_int, default=3, help="classes shown per image (default: 3)"
+    )
+    predict.add_argument("--json", action="store_true", help="print one JSON document")
+    predict.add_argument(
+        "--invert", action="store_true", help="negate the images first (dark-on-light photos)"
+    )
+    return parser
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Load the model once, read every image, classify the readable ones in one batch."""
+    from fmnist.predict import (  # torch loads only when a command needs it
+        Prediction,
+        classify,
+        has_light_background,
+        load_classifier,
+        load_image,
+        to_model_input,
+    )
+
+    try:
+        classifier = load_classifier(args.model)
+    except FmnistError as exc:
+        print(f"fmnist predict: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    readable: list[tuple[str, bool]] = []
+    arrays = []
+    errors: list[dict[str, str]] = []
+    for name in args.images:
+        try:
+            image = load_image(name)
+        except FmnistError as exc:
+            print(f"fmnist predict: {exc}", file=sys.stderr)
+            errors.append({"file": name, "error": str(exc)})
+            continue
+        arrays.append(to_model_input(image, invert=args.invert))
+        readable.append((name, has_light_background(image)))
+    ranked = classify(classifier, arrays, top_k=args.top_k)
+    predictions = [
+        Prediction(file=name, top_k=top, inverted=args.invert, light_background=light)
+        for (name, light), top in zip(readable, ranked, strict=True)
+    ]
+    if args.json:
+        document = {
+            "model": str(classifier.source),
+            "predictions": [p.as_dict() for p in predictions],
+            "errors": errors,
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        for p in predictions:
+            shown = ", ".join(f"{name} {prob:.1%}" for name, _, prob in p.top_k)
+            print(f"{p.file}: {shown}")
+    hinted = [p.file for p in predictions if p.light_background and not p.inverted]
+    if hinted:
+        print(
+            f"fmnist predict: note: {len(hinted)} image(s) have a light background "
+            f"(e.g. {hinted[0]}); the model expects light objects on dark: try --invert",
+            file=sys.stderr,
+        )
+    return EXIT_BAD_IMAGE if errors else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fmnist` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "predict":
+            return run_predict(args)
+    except FmnistError as exc:
+        print(f"fmnist {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fmnist {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Stage export: models/model.pth -> export/{model.pth,weights.h5,model.pt2[,model.onnx]}.
+
+Each file is reloaded and must reproduce the trained model's logits on test images; the
+parity results go to reports/export/metrics.json, inference speed to timing.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fmnist.atomic import write_json
+from fmnist.constants import EXPORT_DIR, EXPORT_REPORT_DIR, MODEL_FILE, PREPARED_FILE
+from fmnist.data import load_prepared
+from fmnist.export import require_onnx, run_export
+from fmnist.modelfile import model_from_payload, read_model_file
+from fmnist.stage import run_stage
+
+
+def main(params: dict[str, Any]) -> None:
+    p = params["export"]
+    if p["onnx"]:
+        require_onnx()  # fail before any work
+    payload = read_model_file(MODEL_FILE)
+    model = model_from_payload(payload, MODEL_FILE)
+    images = load_prepared(PREPARED_FILE).test.images[: p["parity_samples"]]
+    result = run_export(
+        model,
+        payload["model_config"],
+        images,
+        EXPORT_DIR,
+        onnx=p["onnx"],
+        parity_atol=p["parity_atol"],
+        benchmark_batch_size=p["benchmark_batch_size"],
+    )
+    write_json(Path(EXPORT_REPORT_DIR) / "metrics.json", result.metrics)
+    write_json(Path(EXPORT_REPORT_DIR) / "timing.json", result.timing)
+    for fmt, info in result.metrics["formats"].items():
+        speed = result.timing["formats"][fmt]
+        print(
+            f"export: {result.files[fmt]} {info['bytes']:,} bytes, max |diff| "
+            f"{info['max_abs_diff']:.3g}, {speed['single_images_per_s']:,.0f} img/s single, "
+            f"{speed['batched_images_per_s']:,.0f} img/s batched"
+        )
+    print(f"export: parity ok on {len(images):,} test images -> {EXPORT_DIR}/")
+
+
+if __name__ == "__main__":
+    run_stage("export", main)

@@ -1,0 +1,314 @@
+"""Exported files: each one reloads, reproduces the model's logits, and refuses damage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import fmnist
+from fmnist import export
+from fmnist.constants import CLASS_NAMES
+from fmnist.errors import FmnistError
+from fmnist.h5weights import FORMAT, load_h5_model, save_h5
+from fmnist.inference import predict_logits
+from fmnist.model import build_model
+from fmnist.modelfile import save_model
+
+torch.set_num_threads(1)
+
+CONFIG = {
+    "channels": [4, 8],
+    "convs_per_block": 1,
+    "batch_norm": True,
+    "dropout": 0.25,
+    "hidden": 16,
+}
+
+
+def _trained_like_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny model whose BN buffers are not at their defaults (as after training)."""
+    torch.manual_seed(seed)
+    model = build_model(CONFIG)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 1, 28, 28) * 255)
+    return model.eval()
+
+
+def _images(n: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def _logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    return predict_logits(model, images, batch_size=16)
+
+
+def test_pth_round_trip_gives_identical_logits(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    save_model(model, CONFIG, tmp_path / "model.pth")
+    payload = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert payload["class_names"] == list(CLASS_NAMES)
+    reloaded = fmnist.load_model(str(tmp_path / "model.pth"))
+    np.testing.assert_array_equal(_logits(reloaded, _images()), _logits(model, _images()))
+
+
+def test_h5_round_trip_gives_identical_logits(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    save_h5(model, CONFIG, tmp_path / "weights.h5")
+    for reloaded in (
+        fmnist.load_model(str(tmp_path / "weights.h5")),
+        load_h5_model(tmp_path / "weights.h5"),
+    ):
+        assert not reloaded.training
+        np.testing.assert_array_equal(_logits(reloaded, _images()), _logits(model, _images()))
+
+
+def test_h5_layout_is_readable_with_bare_h5py(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    save_h5(model, CONFIG, tmp_path / "weights.h5")
+    state = model.state_dict()
+    with h5py.File(tmp_path / "weights.h5", "r") as f:
+        assert isinstance(f["features/0"], h5py.Group)
+        assert isinstance(f["features/0/weight"], h5py.Dataset)
+        for key, tensor in state.items():  # every parameter and buffer, BN statistics included
+            data = f[key.replace(".", "/")][()]
+            np.testing.assert_array_equal(data, tensor.numpy())
+        assert f["features/1/num_batches_tracked"][()] == 3
+        assert f["features/1/running_var"].dtype == np.float32
+        attrs = f.attrs
+        assert attrs["format"] == FORMAT
+        assert attrs["format_version"] == 1
+        assert json.loads(attrs["model_config"]) == CONFIG
+        assert json.loads(attrs["state_dict_keys"]) == list(state)
+        assert list(attrs["class_names"]) == list(CLASS_NAMES)
+        assert list(attrs["input_shape"]) == [1, 28, 28]
+        assert (attrs["normalization_mean"], attrs["normalization_std"]) == (0.5, 0.5)
+        assert "/ 255" in attrs["normalization"]
+        assert attrs["dtype"] == "float32"
+        assert attrs["torch_version"] == str(torch.__version__)
+        assert attrs["h5py_version"] == h5py.__version__
+        assert attrs["fmnist_version"] == fmnist.__version__
+
+
+def test_h5_rewrite_is_byte_identical(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    save_h5(model, CONFIG, tmp_path / "a.h5")
+    save_h5(model, CONFIG, tmp_path / "b.h5")
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+
+
+def test_truncated_h5_gives_one_line_error(tmp_path: Path) -> None:
+    save_h5(_trained_like_model(), CONFIG, tmp_path / "weights.h5")
+    data = (tmp_path / "weights.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(FmnistError, match=r"cut\.h5: truncated HDF5 file$"):
+        fmnist.load_model(str(tmp_path / "cut.h5"))
+
+
+def test_h5_with_altered_weights_is_refused(tmp_path: Path) -> None:
+    save_h5(_trained_like_model(), CONFIG, tmp_path / "weights.h5")
+    with h5py.File(tmp_path / "weights.h5", "r+") as f:
+        f["classifier/2/weight"][0, 0] += 1.0
+    with pytest.raises(FmnistError, match="checksum mismatch"):
+        fmnist.load_model(str(tmp_path / "weights.h5"))
+
+
+@pytest.mark.parametrize("content", [b"", b"just text\n"])
+def test_non_hdf5_file_named_h5_is_refused(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "x.h5").write_bytes(content)
+    with pytest.raises(FmnistError, match=r"x\.h5: "):
+        fmnist.load_model(str(tmp_path / "x.h5"))
+
+
+def test_foreign_hdf5_file_is_refused(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "data.h5", "w") as f:  # e.g. the prepared dataset
+        f["test/images"] = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(FmnistError, match="not an fmnist weights file"):
+        fmnist.load_model(str(tmp_path / "data.h5"))
+
+
+class Smuggled:
+    """A custom class: a model file holding an instance of it must not be unpickled."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_pth_holding_a_pickled_object_is_refused(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    payload = {
+        "format": "fmnist-model",
+        "format_version": 1,
+        "model_config": CONFIG,
+        "state_dict": model.state_dict(),
+        "class_names": list(CLASS_NAMES),
+        "extra": Smuggled(),
+    }
+    torch.save(payload, tmp_path / "tampered.pth")
+    with pytest.raises(FmnistError, match="pickled object"):
+        fmnist.load_model(str(tmp_path / "tampered.pth"))
+
+
+def test_pt2_runs_with_torch_alone_and_matches(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    export.export_program(model, tmp_path / "model.pt2")
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    for batch in (1, 5):  # the batch dimension is dynamic, 1 included
+        x = torch.from_numpy(_images(batch)).unsqueeze(1).float()
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_pt2_rewrite_is_byte_identical(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    export.export_program(model, tmp_path / "a.pt2")
+    export.export_program(model, tmp_path / "b.pt2")
+    assert (tmp_path / "a.pt2").read_bytes() == (tmp_path / "b.pt2").read_bytes()
+
+
+def _run(model: torch.nn.Module, out: Path, **overrides) -> export.ExportResult:
+    options = {"onnx": False, "parity_atol": 1e-5, "benchmark_batch_size": 16} | overrides
+    return export.run_export(model, CONFIG, _images(), out, **options)
+
+
+def test_run_export_publishes_every_format_with_parity(tmp_path: Path) -> None:
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "stale.txt").write_text("from an old run")
+    result = _run(_trained_like_model(), tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "model.pt2",
+        "model.pth",
+        "weights.h5",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left
+    metrics = result.metrics
+    assert metrics["parity_ok"] is True and metrics["parity_samples"] == 40
+    for fmt in ("pth", "h5", "pt2"):
+        info = metrics["formats"][fmt]
+        assert info["bytes"] == (tmp_path / "export" / export.FILES[fmt]).stat().st_size
+        assert info["max_abs_diff"] <= 1e-5
+        assert info["agreement"] == 1.0 and info["predictions_identical"] is True
+        speed = result.timing["formats"][fmt]
+        assert speed["single_images_per_s"] > 0 and speed["batched_images_per_s"] > 0
+    assert metrics["formats"]["pth"]["max_abs_diff"] == 0.0
+
+
+def test_parity_failure_names_the_format_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = export.load_runner
+
+    def drifting(fmt: str, path: Path) -> export.Runner:
+        runner = real(fmt, path)
+        if fmt != "pt2":
+            return runner
+        return lambda images, batch_size: runner(images, batch_size) + np.float32(1e-3)
+
+    monkeypatch.setattr(export, "load_runner", drifting)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "previous.txt").write_text("kept")
+    with pytest.raises(FmnistError, match=r"parity: pt2 \(model\.pt2\) max abs logit diff 0\.001"):
+        _run(_trained_like_model(), tmp_path / "export")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["previous.txt"]
+
+
+def test_onnx_requested_without_the_packages_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "ONNX_PACKAGES", ("fmnist_no_such_onnx_package",))
+    with pytest.raises(FmnistError, match=r"export\.onnx .*pip install -e \.\[onnx\]$"):
+        _run(_trained_like_model(), tmp_path / "export", onnx=True)
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.skipif(export.missing_onnx_package() is not None, reason="onnx extra not installed")
+def test_onnx_export_matches_under_onnxruntime(tmp_path: Path) -> None:
+    result = _run(_trained_like_model(), tmp_path / "export", onnx=True)
+    assert (tmp_path / "export" / "model.onnx").is_file()
+    assert result.metrics["formats"]["onnx"]["predictions_identical"] is True
+    assert result.metrics["formats"]["onnx"]["max_abs_diff"] <= 1e-5
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stage_workspace(root: Path, *, onnx: bool = False) -> None:
+    """A repository-like folder: params.yaml, a tiny trained model, a small prepared file."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["export"].update(onnx=onnx, parity_samples=30, benchmark_batch_size=8)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    save_model(_trained_like_model(), CONFIG, root / "models" / "model.pth")
+    (root / "data" / "prepared").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with h5py.File(root / "data" / "prepared" / "fashion_mnist.h5", "w") as f:
+        sizes = {"train": 50, "val": 20, "test": 40}
+        for split, n in sizes.items():
+            f[f"{split}/images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            f[f"{split}/labels"] = np.arange(n, dtype=np.int64) % 10
+        f.attrs["class_names"] = list(CLASS_NAMES)
+        f.attrs["split_sizes"] = json.dumps(sizes)
+        f.attrs["seed"] = 0
+        f.attrs["val_fraction"] = 0.1
+
+
+def _stage(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / "export.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fmnist.data") is None, reason="fmnist.data missing")
+def test_export_stage_writes_files_and_reports(tmp_path: Path) -> None:
+    _stage_workspace(tmp_path)
+    done = _stage(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "model.pt2",
+        "model.pth",
+        "weights.h5",
+    ]
+    metrics = json.loads((tmp_path / "reports" / "export" / "metrics.json").read_text())
+    timing = json.loads((tmp_path / "reports" / "export" / "timing.json").read_text())
+    assert metrics["parity_ok"] is True and metrics["parity_samples"] == 30
+    assert set(metrics["formats"]) == set(timing["formats"]) == {"pth", "h5", "pt2"}
+    first = (tmp_path / "reports" / "export" / "metrics.json").read_bytes()
+    assert _stage(tmp_path).returncode == 0
+    assert (tmp_path / "reports" / "export" / "metrics.json").read_bytes() == first
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fmnist.data") is None, reason="fmnist.data missing")
+def test_export_stage_refuses_a_foreign_model_in_one_line(tmp_path: Path) -> None:
+    _stage_workspace(tmp_path)
+    (tmp_path / "models" / "model.pth").write_text("not a model")
+    done = _stage(tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("export: model file models/model.pth: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("drift", [np.float32(2e-5), np.float32("nan")])
+def test_check_parity_refuses_drift_beyond_atol_and_nan(drift: np.float32) -> None:
+    reference = np.eye(3, 10, dtype=np.float32)
+    result = export.compare(reference, reference + drift)
+    with pytest.raises(FmnistError, match=r"parity: onnx \(model\.onnx\) max abs logit diff"):
+        export.check_parity("onnx", Path("model.onnx"), result, 1e-5)

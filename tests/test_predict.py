@@ -1,0 +1,227 @@
+"""`fmnist predict`: image files in, class names and probabilities out, one line per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fmnist.constants import CLASS_NAMES
+from fmnist.errors import FmnistError
+from fmnist.h5weights import save_h5
+from fmnist.inference import predict_logits
+from fmnist.model import build_model
+from fmnist.modelfile import save_model
+from fmnist.predict import MAX_IMAGE_PIXELS, load_image, to_model_input
+
+torch.set_num_threads(1)
+
+CONFIG = {
+    "channels": [4, 8],
+    "convs_per_block": 1,
+    "batch_norm": True,
+    "dropout": 0.0,
+    "hidden": 16,
+}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(CONFIG).eval()
+
+
+def _garment_like(n: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, 28, 28): light blobs on black, like test images, different per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    images = []
+    for _ in range(n):
+        cy, cx, ry, rx = (
+            rng.uniform(9, 19),
+            rng.uniform(9, 19),
+            rng.uniform(4, 12),
+            rng.uniform(3, 12),
+        )
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        texture = rng.integers(60, 256, (28, 28))
+        images.append(np.where(blob, texture, 0).astype(np.uint8))
+    return np.stack(images)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fmnist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def _bomb_png(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height pixels."""
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    save_model(_model(), CONFIG, folder / "model.pth")
+    save_h5(_model(), CONFIG, folder / "weights.h5")
+    return {"pth": folder / "model.pth", "h5": folder / "weights.h5"}
+
+
+@pytest.mark.parametrize("fmt", ["pth", "h5"])
+def test_png_predictions_match_predict_logits_on_the_arrays(
+    tmp_path: Path, model_files: dict[str, Path], fmt: str
+) -> None:
+    images = _garment_like(12)
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(image, "L").save(files[-1])
+    logits = predict_logits(_model(), images, batch_size=8)
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+    done = _cli(
+        "predict", *map(str, files), "--model", str(model_files[fmt]), "--json", "--top-k", "2"
+    )
+
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["errors"] == []
+    assert [p["file"] for p in result["predictions"]] == [str(f) for f in files]
+    for row, prediction in zip(probs, result["predictions"], strict=True):
+        top = prediction["top_k"]
+        assert len(top) == 2
+        assert top[0]["index"] == int(row.argmax())
+        assert top[0]["class"] == CLASS_NAMES[int(row.argmax())]
+        assert top[0]["probability"] == pytest.approx(row.max(), abs=1e-5)
+
+
+def test_text_output_names_the_top_classes(tmp_path: Path, model_files: dict[str, Path]) -> None:
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "shirt.png")
+    done = _cli(
+        "predict", str(tmp_path / "shirt.png"), "--model", str(model_files["pth"]), "--top-k", "3"
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith(f"{tmp_path / 'shirt.png'}: ")
+    assert sum(name in line for name in CLASS_NAMES) >= 3 and line.count("%") == 3
+
+
+def test_each_bad_image_gets_one_line_and_the_rest_are_classified(
+    tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    good = tmp_path / "good.png"
+    Image.fromarray(_garment_like(1)[0], "L").save(good)
+    missing = tmp_path / "missing.png"
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    truncated = tmp_path / "cut.png"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise, "L").save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    bomb = tmp_path / "bomb.png"
+    _bomb_png(bomb, 20000, 20000)
+
+    done = _cli(
+        "predict",
+        str(missing),
+        str(text),
+        str(good),
+        str(truncated),
+        str(bomb),
+        "--model",
+        str(model_files["pth"]),
+    )
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 4
+    assert "missing.png: no such file" in errors[0]
+    assert "notes.png: not an image" in errors[1]
+    assert "cut.png: corrupt or truncated image" in errors[2]
+    assert "bomb.png: image too large" in errors[3]
+    assert done.stdout.startswith(f"{good}: ")
+
+
+@pytest.mark.parametrize("content", [b"not a model\n", b""])
+def test_model_file_that_is_not_ours_exits_2_with_one_line(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "model.pth").write_bytes(content)
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "a.png")
+    done = _cli("predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "model.pth"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert f"model file {tmp_path / 'model.pth'}" in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("fmnist") is None, reason="console script not installed")
+def test_console_script_reports_a_missing_model(tmp_path: Path) -> None:
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "a.png")
+    done = subprocess.run(
+        ["fmnist", "predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "none.pth")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"fmnist predict: model file {tmp_path / 'none.pth'}: not found"
+
+
+def test_large_image_is_fitted_centred_keeping_its_aspect_ratio() -> None:
+    canvas = np.zeros((300, 400), dtype=np.uint8)
+    canvas[100:150, 50:250] = 200  # a 200 x 50 light bar off-centre
+    fitted = to_model_input(Image.fromarray(canvas, "L"))
+    assert fitted.shape == (28, 28) and fitted.dtype == np.uint8
+    rows = np.flatnonzero(fitted.max(axis=1) > 100)
+    cols = np.flatnonzero(fitted.max(axis=0) > 100)
+    assert (cols.min(), cols.max()) == (0, 27)  # longer side fills the width
+    assert 6 <= len(rows) <= 8  # 50/200 of 28 = 7 rows
+    assert abs((rows.min() + rows.max()) / 2 - 13.5) <= 1  # centred vertically
+
+
+def test_invert_turns_dark_on_light_into_light_on_dark() -> None:
+    photo = np.full((60, 60), 255, dtype=np.uint8)
+    photo[15:45, 20:40] = 30  # a dark garment on white
+    fitted = to_model_input(Image.fromarray(photo, "L").convert("RGB"), invert=True)
+    assert fitted[0, 0] == 0 and fitted[14, 14] > 200
+
+
+def test_28x28_images_pass_through_unchanged() -> None:
+    image = _garment_like(1)[0]
+    np.testing.assert_array_equal(to_model_input(Image.fromarray(image, "L")), image)
+
+
+def test_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    side = int(MAX_IMAGE_PIXELS**0.5) + 1
+    _bomb_png(tmp_path / "big.png", side, side)
+    with pytest.raises(FmnistError, match=r"big\.png: image too large"):
+        load_image(tmp_path / "big.png")
+
+
+def test_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), "white").save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image(tmp_path / "phone.jpg").size == (20, 40)
