@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -142,6 +144,48 @@ def test_second_repro_changes_nothing(pipeline: Path) -> None:
     assert _ran_stages(again.stdout) == set()
     status = _run(pipeline, "dvc", "status")
     assert "up to date" in status.stdout
+
+
+QUALITY_FILES = ("reports/train/metrics.json", "reports/evaluate/metrics.json",
+                 "reports/export/metrics.json")
+
+
+def test_forced_rerun_gives_byte_identical_quality_metrics(pipeline: Path) -> None:
+    before = {name: (pipeline / name).read_bytes() for name in QUALITY_FILES}
+    _run(pipeline, "dvc", "repro", "--force", "train", "evaluate", "export")
+    after = {name: (pipeline / name).read_bytes() for name in QUALITY_FILES}
+    assert after == before
+    assert _run(pipeline, "dvc", "metrics", "diff").stdout.strip() == ""
+
+
+def test_killed_repro_leaves_no_trusted_half_result_and_next_repro_completes(
+    pipeline: Path,
+) -> None:
+    env = {**os.environ, **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+           f"{os.environ['PATH']}"}
+    proc = subprocess.Popen(["dvc", "repro", "--force", "train"], cwd=pipeline, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoint = pipeline / "checkpoints" / "train.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs, mid-training
+    proc.wait()
+    # The previous model or none, never a partial one (a hidden temporary file may remain).
+    leftovers = [p.name for p in (pipeline / "models").glob("*") if not p.name.startswith(".")]
+    assert leftovers in ([], ["model.pth"])
+    if leftovers:
+        _run(pipeline, sys.executable, "-c", "import fmnist; fmnist.load_model('models/model.pth')")
+    _run(pipeline, "dvc", "repro")
+    assert "up to date" in _run(pipeline, "dvc", "status").stdout
+    after = {name: (pipeline / name).read_bytes() for name in QUALITY_FILES[:2]}
+    assert after == {name: _git_show(pipeline, name) for name in QUALITY_FILES[:2]}
+
+
+def _git_show(repo: Path, name: str) -> bytes:
+    return subprocess.run(["git", "show", f"HEAD:{name}"], cwd=repo, capture_output=True,
+                          check=True).stdout
 
 
 def test_exp_run_with_new_rho_reruns_only_downstream_and_diff_shows_it(pipeline: Path) -> None:
