@@ -1,0 +1,455 @@
+"""Hyperparameter search with Optuna: each trial is one short `fit` on a stratified training
+subset, scored on the validation split (never the test split), and stored in a database so an
+interrupted search resumes and several worker processes, on one machine or many, share it.
+
+Start more workers on the same study (from the repository root, same params.yaml and data):
+    python -m fmnist.tune worker --storage URL [--study NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from fmnist.constants import TUNE_STUDY_DIR
+from fmnist.errors import FmnistError, ParamsError
+from fmnist.params import schema, validate
+from fmnist.train import fit
+
+if TYPE_CHECKING:
+    from fmnist.data import Prepared
+
+# Bump when the objective changes meaning: old studies then stop being resumed.
+STUDY_FORMAT = 1
+STUDY_DB = "optuna.db"
+# The tune section's budget and plumbing keys: they do not change what a trial computes.
+NOT_STUDY_KEYS = ("trials", "workers", "storage")
+# train keys that a trial sets itself, whatever params.yaml says.
+TRIAL_SET_KEYS = ("epochs", "distributed", "sam_sync_first_step")
+# A worker that dies (kill -9, power loss) leaves a RUNNING trial; heartbeats let other workers
+# mark it failed after the grace period, so its slot (and grid point) is run again.
+# The grace is long: a worker starved of CPU must not be declared dead while it trains.
+HEARTBEAT_S = 30
+GRACE_S = 300
+SQLITE_TIMEOUT_S = 120
+ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+FINISHED_OK = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class _Surplus(Exception):
+    """Raised by a trial created after the study already had its budget (a race between workers)."""
+
+
+# --- search space -----------------------------------------------------------------------------
+
+
+def _is_int_key(key: str) -> bool:
+    return schema()["properties"]["train"]["properties"][key].get("type") == "integer"
+
+
+def check_space(params: dict[str, Any]) -> None:
+    """Fail before any training if a value the search can pick makes invalid train params."""
+    for key, entry in params["tune"]["space"].items():
+        where = f"tune.space.{key}"
+        if "choices" in entry:
+            candidates = list(entry["choices"])
+        else:
+            candidates = [entry["low"], entry["high"]]
+            kind = schema()["properties"]["train"]["properties"][key].get("type")
+            if kind not in ("integer", "number"):
+                raise ParamsError(f"params.yaml: {where}: {key} is not numeric: give 'choices'")
+            if entry.get("log") and entry.get("step") is not None:
+                raise ParamsError(f"params.yaml: {where}: 'log' and 'step' cannot be combined")
+            if kind == "integer":
+                for name in ("low", "high", "step"):
+                    value = entry.get(name)
+                    if value is not None and float(value) != int(value):
+                        raise ParamsError(f"params.yaml: {where}.{name}: {key} needs an integer")
+        for value in candidates:
+            try:
+                validate(trial_params(params, {key: value}))
+            except ParamsError as exc:
+                raise ParamsError(f"params.yaml: {where}: value {value!r} is invalid: "
+                                  f"{str(exc).split(': ', 1)[-1]}") from None
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The trial's values: categorical for `choices`, int for integer train keys, else float."""
+    values: dict[str, Any] = {}
+    for key in sorted(space):
+        entry = space[key]
+        if "choices" in entry:
+            values[key] = trial.suggest_categorical(key, list(entry["choices"]))
+        elif _is_int_key(key):
+            values[key] = trial.suggest_int(key, int(entry["low"]), int(entry["high"]),
+                                            step=int(entry.get("step") or 1),
+                                            log=bool(entry.get("log", False)))
+        else:
+            values[key] = trial.suggest_float(key, float(entry["low"]), float(entry["high"]),
+                                              step=entry.get("step"),
+                                              log=bool(entry.get("log", False)))
+    return values
+
+
+def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every combination of the `choices` (the grid sampler's search space)."""
+    keys = sorted(space)
+    return [dict(zip(keys, combo, strict=True))
+            for combo in itertools.product(*(space[k]["choices"] for k in keys))]
+
+
+def target_trials(tune: dict[str, Any]) -> int:
+    """How many finished (complete or pruned) trials the study should hold."""
+    if tune["sampler"] == "grid":
+        return min(tune["trials"], len(grid_points(tune["space"])))
+    return tune["trials"]
+
+
+def trial_params(params: dict[str, Any], values: dict[str, Any], *,
+                 threads: int | None = None) -> dict[str, Any]:
+    """params.yaml with the trial's values in `train`, tune.epochs epochs, single process."""
+    out = copy.deepcopy(params)
+    out["train"].update(values)
+    out["train"]["epochs"] = params["tune"]["epochs"]
+    out["train"]["distributed"] = False
+    if threads is not None and out["train"]["threads"] == 0:
+        out["train"]["threads"] = threads
+    return out
+
+
+# --- study identity and storage ---------------------------------------------------------------
+
+
+def data_fingerprint(data: Prepared) -> str:
+    """Hash of the train and val splits a trial reads (the test split plays no part)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split in (data.train, data.val):
+        for array in (split.images, split.labels):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.data)
+    return digest.hexdigest()
+
+
+def study_name(params: dict[str, Any], data: Prepared) -> str:
+    """Same name for the same search on the same data: a rerun resumes, a change starts anew."""
+    tune = {k: v for k, v in params["tune"].items() if k not in NOT_STUDY_KEYS}
+    fixed = {k: v for k, v in params["train"].items()
+             if k not in params["tune"]["space"] and k not in TRIAL_SET_KEYS}
+    identity = {
+        "format": STUDY_FORMAT, "seed": params["seed"], "model": params["model"],
+        "ipex": params["ipex"], "train": fixed, "tune": tune, "data": data_fingerprint(data),
+    }
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return "fmnist-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def storage_url(storage: str | None, study_dir: str | Path = TUNE_STUDY_DIR) -> str:
+    """tune.storage, or an SQLite file under checkpoints/tune/ (kept across runs, not DVC's)."""
+    if storage:
+        return storage
+    path = Path(study_dir).resolve() / STUDY_DB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for messages and reports."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return url
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; SQLite waits for locks instead of failing at once."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
+    except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by database
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FmnistError(f"tune.storage {safe_url(url)}: cannot open: {message}") from None
+
+
+def make_sampler(tune: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
+    if tune["sampler"] == "grid":
+        space = {k: list(v["choices"]) for k, v in tune["space"].items()}
+        # Every worker must shuffle the grid identically: grid ids index the shuffled list.
+        return optuna.samplers.GridSampler(space, seed=tune["seed"])
+    if tune["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    startup = max(2, min(10, tune["trials"] // 3))
+    return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed)
+
+
+def make_pruner(tune: dict[str, Any]) -> optuna.pruners.BasePruner:
+    if tune["pruner"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if tune["pruner"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune["epochs"],
+                                              reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _sampler_seed(tune_seed: int, existing: int, worker: int) -> int:
+    """Distinct per worker and per resume point, so no two start from the same random stream."""
+    return int(np.random.SeedSequence([tune_seed, existing, worker]).generate_state(1)[0])
+
+
+# --- the objective ----------------------------------------------------------------------------
+
+
+def _counts(trials: Sequence[FrozenTrial]) -> dict[TrialState, int]:
+    out = dict.fromkeys(TrialState, 0)
+    for t in trials:
+        if not t.user_attrs.get("surplus"):
+            out[t.state] += 1
+    return out
+
+
+class Objective:
+    """One trial: fit with the trial's values, report val accuracy per epoch, prune if hopeless."""
+
+    def __init__(self, data: Prepared, params: dict[str, Any], target: int, threads: int | None):
+        self.data, self.params, self.target, self.threads = data, params, target, threads
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.surplus = False
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE)
+                   if t.number < trial.number and not t.user_attrs.get("surplus")]
+        if len(earlier) >= self.target:
+            trial.set_user_attr("surplus", True)
+            self.surplus = True
+            raise _Surplus(f"trial {trial.number}: budget already taken")
+        tune = self.params["tune"]
+        values = suggest(trial, tune["space"])
+        params = trial_params(self.params, values, threads=self.threads)
+        epochs = tune["epochs"]
+        seen: list[float] = []
+        trial.set_user_attr("epochs_run", 0)
+        trial.set_user_attr("worker", self.worker)
+
+        def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
+            seen.append(float(stats["val_acc"]))
+            step = len(seen) - 1
+            trial.set_user_attr("epochs_run", len(seen))
+            trial.report(seen[-1], step)
+            # Pruning after the last epoch saves nothing and throws a finished result away.
+            if len(seen) < epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"val_acc {seen[-1]:.4f} after epoch {len(seen)}")
+
+        fit(self.data, params, epochs=epochs, train_subset=tune["train_subset"],
+            on_epoch_end=on_epoch_end, progress=False)
+        if not seen:
+            raise FmnistError(f"tune: trial {trial.number}: fit reported no epoch")
+        return seen[-1]
+
+
+def format_trial(trial: FrozenTrial, epochs: int) -> str:
+    """One progress line: number, state, value, epochs run, values."""
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    values = " ".join(f"{k}={_short(v)}" for k, v in sorted(trial.params.items()))
+    run = trial.user_attrs.get("epochs_run", 0)
+    return f"tune: trial {trial.number:3d} {trial.state.name:8s} val_acc={value} " \
+           f"epochs={run}/{epochs} {values}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- workers ----------------------------------------------------------------------------------
+
+
+def work(data: Prepared, params: dict[str, Any], url: str, name: str, *, worker: int = 0,
+         threads: int | None = None, pruner: optuna.pruners.BasePruner | None = None,
+         progress: bool = True) -> None:
+    """Run trials of the study until it holds its budget of finished or running trials."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    tune = params["tune"]
+    target = target_trials(tune)
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    seed = _sampler_seed(tune["seed"], len(study.get_trials(deepcopy=False)), worker)
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=make_sampler(tune, seed),
+                              pruner=pruner if pruner is not None else make_pruner(tune))
+    objective = Objective(data, params, target, threads)
+
+    def report(study: optuna.Study, trial: FrozenTrial) -> None:
+        if progress and not trial.user_attrs.get("surplus"):
+            print(format_trial(trial, tune["epochs"]), flush=True)
+
+    while True:
+        counts = _counts(study.get_trials(deepcopy=False))
+        busy = sum(counts[s] for s in (*FINISHED_OK, TrialState.RUNNING))
+        if busy >= target:
+            return
+        study.optimize(objective, n_trials=1, catch=(_Surplus,), callbacks=[report])
+        if objective.surplus:
+            return
+
+
+def _worker_process(data: Prepared, params: dict[str, Any], url: str, name: str, worker: int,
+                    threads: int | None, pruner: Any, progress: bool) -> None:
+    """Entry of a spawned local worker: expected failures print one line, exit 1."""
+    try:
+        work(data, params, url, name, worker=worker, threads=threads, pruner=pruner,
+             progress=progress)
+    except FmnistError as exc:
+        print(f"tune worker {worker}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def open_study(params: dict[str, Any], data: Prepared, *,
+               study_dir: str | Path = TUNE_STUDY_DIR) -> tuple[optuna.Study, str, str]:
+    """Create or load the study for these params and data: (study, storage URL, study name)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    check_space(params)
+    url = storage_url(params["tune"]["storage"], study_dir)
+    name = study_name(params, data)
+    study = optuna.create_study(study_name=name, storage=open_storage(url),
+                                direction="maximize", load_if_exists=True)
+    return study, url, name
+
+
+def _release_dead_trials(study: optuna.Study, own_storage: bool) -> None:
+    """A local run killed mid-trial left RUNNING trials: nobody else uses our SQLite file."""
+    if not own_storage:
+        return  # other machines may be running them: heartbeats decide
+    storage = study._storage  # optuna has no public "fail this trial" for another process's trial
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _requeue_failed_grid_points(study: optuna.Study, tune: dict[str, Any]) -> int:
+    """Queue again the grid points whose only trials failed (a killed run): Optuna's grid
+    sampler counts a failed point as visited and would never return to it."""
+    if tune["sampler"] != "grid":
+        return 0
+    space = {k: list(tune["space"][k]["choices"]) for k in sorted(tune["space"])}
+
+    def grid_id(trial: FrozenTrial) -> int | None:
+        attrs = trial.system_attrs
+        return attrs.get("grid_id") if attrs.get("search_space") == space else None
+
+    trials = study.get_trials(deepcopy=False)
+    covered = {grid_id(t) for t in trials if t.state in ACTIVE}
+    failed = sorted({grid_id(t) for t in trials if t.state == TrialState.FAIL} - covered - {None})
+    for point in failed:
+        # A waiting trial that carries its grid id: the sampler maps the id back to the values.
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, system_attrs={"grid_id": point, "search_space": space}))
+    return len(failed)
+
+
+def run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path = TUNE_STUDY_DIR,
+              pruner: optuna.pruners.BasePruner | None = None,
+              progress: bool = True) -> optuna.Study:
+    """Run (or resume) the search: only the trials the study still lacks are run.
+
+    `pruner` replaces tune.pruner (tests force pruning with it).
+    """
+    tune = params["tune"]
+    study, url, name = open_study(params, data, study_dir=study_dir)
+    _release_dead_trials(study, own_storage=tune["storage"] is None)
+    _requeue_failed_grid_points(study, tune)
+    target = target_trials(tune)
+    done = _counts(study.get_trials(deepcopy=False))
+    finished = done[TrialState.COMPLETE] + done[TrialState.PRUNED]
+    workers = tune["workers"]
+    if progress:
+        print(f"tune: study {name} in {safe_url(url)}: {finished} of {target} trials finished, "
+              f"{max(0, target - finished)} to run on {workers} worker(s)", flush=True)
+    if finished < target:
+        if workers == 1:
+            work(data, params, url, name, pruner=pruner, progress=progress)
+        else:
+            _run_local_workers(data, params, url, name, pruner=pruner, progress=progress)
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def _run_local_workers(data: Prepared, params: dict[str, Any], url: str, name: str, *,
+                       pruner: Any, progress: bool) -> None:
+    workers = params["tune"]["workers"]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker_process,
+                             args=(data, params, url, name, i, threads, pruner, progress))
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        code = procs[failed[0]].exitcode
+        raise FmnistError(f"tune: worker {failed[0]} failed (exit code {code})")
+
+
+# --- `python -m fmnist.tune worker` -----------------------------------------------------------
+
+
+def _cli_worker(params: dict[str, Any], storage: str | None, study: str | None) -> None:
+    from fmnist.data import load_prepared
+
+    if storage:
+        params = {**params, "tune": {**params["tune"], "storage": storage}}
+    data = load_prepared()
+    _, url, name = open_study(params, data)
+    if study is not None and study != name:
+        raise FmnistError(f"study {study}: params.yaml or the prepared data differ from it "
+                          f"(they give {name})")
+    print(f"tune: worker on study {name} in {safe_url(url)}", flush=True)
+    work(data, params, url, name, worker=os.getpid())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fmnist.tune worker [--storage URL] [--study NAME]`: one more worker."""
+    parser = argparse.ArgumentParser(prog="python -m fmnist.tune")
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="run trials of the shared study until its budget is met")
+    worker.add_argument("--storage", help="database URL (default: tune.storage, else the "
+                                          "SQLite file under checkpoints/tune/)")
+    worker.add_argument("--study", help="study name to join; refuses if params.yaml differs")
+    args = parser.parse_args(argv)
+
+    from fmnist.stage import run_stage
+
+    run_stage("tune", lambda params: _cli_worker(params, args.storage, args.study))
+
+
+if __name__ == "__main__":
+    main()

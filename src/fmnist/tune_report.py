@@ -1,0 +1,228 @@
+"""What a finished search leaves behind: the trials table, the best values under their
+params.yaml keys, the `dvc exp run` command that applies them, metrics, plot data and figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shlex
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from fmnist.atomic import atomic_path, write_json, write_text
+from fmnist.constants import TUNE_DIR
+from fmnist.errors import FmnistError
+
+TOP_TRIALS = 10
+
+
+def reported_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Every trial by number, less the bookkeeping ones a worker gave up before training."""
+    trials = study.get_trials(deepcopy=False)
+    return sorted((t for t in trials if not t.user_attrs.get("surplus")), key=lambda t: t.number)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    complete = [t for t in reported_trials(study) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise FmnistError(f"tune: study {study.study_name}: no trial completed "
+                          "(all pruned or failed); raise tune.epochs or use tune.pruner: none")
+    # Highest value; the earliest trial wins a tie, so the choice does not depend on timing.
+    return max(complete, key=lambda t: (t.value, -t.number))
+
+
+def best_params(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """The best trial's values under their params.yaml keys: {"train": {...}}."""
+    return {"train": dict(sorted(best_trial(study).params.items()))}
+
+
+def yaml_scalar(value: Any) -> str:
+    """A value as DVC's `-S` (YAML 1.1) reads it back: 1e-05 must be written 1.0e-05."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    return str(value)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else yaml_scalar(value)
+
+
+def exp_run_command(values: dict[str, Any]) -> str:
+    """`dvc exp run -S train.KEY=VALUE ...`: reruns train, evaluate and export with them."""
+    args = [shlex.quote(f"train.{key}={yaml_scalar(values[key])}") for key in sorted(values)]
+    return "dvc exp run " + " ".join(f"-S {arg}" for arg in args)
+
+
+def summary_metrics(study: optuna.Study, params: dict[str, Any]) -> dict[str, Any]:
+    """Quality of the search and the compute pruning saved (no timings: they vary run to run)."""
+    trials = reported_trials(study)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    run = sum(int(t.user_attrs.get("epochs_run", 0)) for t in finished)
+    full = len(finished) * params["tune"]["epochs"]
+    return {
+        "best_val_acc": best_trial(study).value,
+        "trials_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "epochs_run": run,
+        "epochs_full_search": full,
+        "compute_saved_fraction": 1.0 - run / full if full else 0.0,
+    }
+
+
+def trials_csv(study: optuna.Study) -> str:
+    """number, one column per searched key, state, value, duration_s, epochs_run."""
+    trials = reported_trials(study)
+    keys = sorted({k for t in trials for k in t.params})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["number", *keys, "state", "value", "duration_s", "epochs_run"])
+    for t in trials:
+        # A failed trial's end is when a later run found it dead: its span means nothing.
+        ran = t.duration is not None and t.state != TrialState.FAIL
+        duration = t.duration.total_seconds() if ran else None
+        writer.writerow([
+            t.number, *(t.params.get(k, "") for k in keys), t.state.name,
+            "" if t.value is None else t.value,
+            "" if duration is None else f"{duration:.2f}", t.user_attrs.get("epochs_run", 0),
+        ])
+    return out.getvalue()
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in reported_trials(study) if t.state == TrialState.COMPLETE]
+
+
+def history_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """{trial, value, best_so_far} for each complete trial, in trial order."""
+    records, best = [], None
+    for t in _complete(study):
+        best = t.value if best is None else max(best, t.value)
+        records.append({"trial": t.number, "value": t.value, "best_so_far": best})
+    return records
+
+
+def versus_records(study: optuna.Study, params: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """{key, value, trial} per complete trial; a key outside the space shows its fixed value."""
+    fixed = params["train"][key]
+    return [{key: t.params.get(key, fixed), "value": t.value, "trial": t.number}
+            for t in _complete(study)]
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+
+
+def write_figures(study: optuna.Study, params: dict[str, Any], out_dir: Path) -> None:
+    """history.png, val_acc_vs_rho.png, val_acc_vs_lr.png (log x); no pyplot global state."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    history = history_records(study)
+    pruned = [t for t in reported_trials(study)
+              if t.state == TrialState.PRUNED and t.value is not None]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["trial"] for r in history], [r["value"] for r in history], "o",
+            label="complete trial")
+    if pruned:
+        ax.plot([t.number for t in pruned], [t.value for t in pruned], "x", color="grey",
+                label="pruned (val acc when stopped)")
+    ax.step([r["trial"] for r in history], [r["best_so_far"] for r in history], where="post",
+            color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel="validation accuracy", title="Optimization history")
+    ax.legend(loc="best")
+    _save(fig, out_dir / "history.png")
+
+    for key, log in (("rho", False), ("lr", True)):
+        records = versus_records(study, params, key)
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        ax.scatter([r[key] for r in records], [r["value"] for r in records])
+        for r in records:
+            ax.annotate(str(r["trial"]), (r[key], r["value"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        fixed = "" if key in params["tune"]["space"] else " (fixed, not searched)"
+        ax.set(xlabel=key + fixed, ylabel="validation accuracy",
+               title=f"Validation accuracy vs {key}")
+        _save(fig, out_dir / f"val_acc_vs_{key}.png")
+
+
+def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[str, Any],
+                    command: str) -> str:
+    tune = params["tune"]
+    best = best_trial(study)
+    subset = (f"{tune['train_subset']} training images (stratified)" if tune["train_subset"]
+              else "the whole training split")
+    lines = [
+        "# Hyperparameter search",
+        "",
+        f"Study `{study.study_name}`: sampler `{tune['sampler']}`, pruner `{tune['pruner']}`, "
+        f"{tune['epochs']} epochs per trial on {subset}; "
+        "objective: validation accuracy after the last epoch. The test split is never used.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| best validation accuracy | {best.value:.4f} (trial {best.number}) |",
+        f"| trials complete / pruned | {metrics['trials_complete']} / {metrics['trials_pruned']} |",
+        f"| epochs run / without pruning | {metrics['epochs_run']} / "
+        f"{metrics['epochs_full_search']} ({metrics['compute_saved_fraction']:.0%} saved) |",
+        "",
+        "## Best values",
+        "",
+        "| key | best | params.yaml now |",
+        "|---|---|---|",
+        *(f"| train.{k} | {_short(v)} | {_short(params['train'][k])} |"
+          for k, v in sorted(best.params.items())),
+        "",
+        "Apply them (reruns train, evaluate and export; the search itself is not rerun):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"## Top {TOP_TRIALS} complete trials",
+        "",
+    ]
+    keys = sorted(best.params)
+    lines += ["| trial | " + " | ".join(keys) + " | val acc |",
+              "|---" * (len(keys) + 2) + "|"]
+    top = sorted(_complete(study), key=lambda t: (-t.value, t.number))[:TOP_TRIALS]
+    for t in top:
+        cells = " | ".join(_short(t.params.get(k, "")) for k in keys)
+        lines.append(f"| {t.number} | {cells} | {t.value:.4f} |")
+    lines += ["", "All trials: `trials.csv`; figures: `figures/`.", ""]
+    return "\n".join(lines)
+
+
+def write_reports(study: optuna.Study, params: dict[str, Any],
+                  out_dir: str | Path = TUNE_DIR) -> dict[str, Any]:
+    """Write every tune output; returns the metrics plus the `dvc exp run` command."""
+    out_dir = Path(out_dir)
+    best = best_params(study)
+    command = exp_run_command(best["train"])
+    metrics = summary_metrics(study, params)
+    write_text(out_dir / "trials.csv", trials_csv(study))
+    write_text(out_dir / "best_params.yaml", yaml.safe_dump(best, sort_keys=True))
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "plots" / "history.json", history_records(study))
+    for key in ("rho", "lr"):
+        write_json(out_dir / "plots" / f"vs_{key}.json", versus_records(study, params, key))
+    write_figures(study, params, out_dir / "figures")
+    write_text(out_dir / "report.md", report_markdown(study, params, metrics, command))
+    return {**metrics, "command": command, "best_params": best}

@@ -1,0 +1,189 @@
+"""The search: grid coverage, best values, pruning, resuming and shared workers, on tiny data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from fmnist.constants import CLASS_NAMES
+from fmnist.data import Prepared, Split
+from fmnist.errors import ParamsError
+from fmnist.params import load_params
+from fmnist.tune import (
+    grid_points,
+    make_sampler,
+    open_storage,
+    run_study,
+    storage_url,
+    study_name,
+    suggest,
+)
+from fmnist.tune_report import exp_run_command, summary_metrics, write_reports
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = {"lr": {"choices": [0.05, 0.1]}, "rho": {"choices": [0.0, 0.1]}}
+
+
+def _split(n: int, seed: int) -> Split:
+    """Learnable images: each class is a bright square at its own place, over noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % 10
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[i, 4 + 12 * row: 12 + 12 * row, 1 + 5 * col: 6 + 5 * col] = 230
+    return Split(images=images, labels=labels)
+
+
+DATA = Prepared(train=_split(300, 0), val=_split(100, 1), test=_split(50, 2),
+                class_names=CLASS_NAMES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def tiny_params(**tune: Any) -> dict[str, Any]:
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["model"].update(channels=[4], convs_per_block=1, hidden=16, dropout=0.0)
+    params["train"].update(batch_size=64, threads=1, rho=0.05, lr=0.1)
+    params["ipex"].update(enabled=False, dtype="float32")
+    params["tune"].update(sampler="random", pruner="none", trials=3, epochs=2,
+                          train_subset=200, seed=0, storage=None, workers=1,
+                          space={"lr": {"low": 0.02, "high": 0.2, "log": True},
+                                 "rho": {"low": 0.0, "high": 0.2},
+                                 "batch_size": {"choices": [32, 64]}})
+    params["tune"].update(tune)
+    return params
+
+
+def _key(values: dict[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True)
+
+
+class PruneOddTrials(optuna.pruners.BasePruner):
+    """Prunes trials 1, 3, ... at their first report: a pruning decision known in advance."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number % 2 == 1
+
+
+def test_grid_sampler_visits_every_point_exactly_once(tmp_path: Path) -> None:
+    params = tiny_params(sampler="grid", trials=50, space=GRID)
+    study = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    visited = sorted(_key(t.params) for t in study.trials)
+    assert visited == sorted(_key(p) for p in grid_points(GRID))
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+
+
+def test_best_params_match_the_best_trial(tmp_path: Path) -> None:
+    params = tiny_params(trials=3)
+    study = run_study(DATA, params, study_dir=tmp_path / "study", progress=False)
+    out = tmp_path / "reports"
+    summary = write_reports(study, params, out)
+
+    best = max(study.trials, key=lambda t: t.value)
+    assert yaml.safe_load((out / "best_params.yaml").read_text()) == {"train": best.params}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_val_acc"] == best.value
+    assert summary["command"] == exp_run_command(best.params)
+    assert f"-S train.batch_size={best.params['batch_size']}" in summary["command"]
+    assert summary["command"] in (out / "report.md").read_text()
+    vs_rho = json.loads((out / "plots" / "vs_rho.json").read_text())
+    assert [r["rho"] for r in vs_rho] == [t.params["rho"] for t in study.trials]
+    history = json.loads((out / "plots" / "history.json").read_text())
+    assert history[-1]["best_so_far"] == best.value
+    for name in ("history.png", "val_acc_vs_rho.png", "val_acc_vs_lr.png"):
+        assert (out / "figures" / name).stat().st_size > 0
+    assert len((out / "trials.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_a_key_outside_the_space_is_plotted_at_its_fixed_value(tmp_path: Path) -> None:
+    params = tiny_params(trials=1, space={"lr": {"choices": [0.1]}})
+    study = run_study(DATA, params, study_dir=tmp_path / "study", progress=False)
+    write_reports(study, params, tmp_path / "reports")
+    vs_rho = json.loads((tmp_path / "reports" / "plots" / "vs_rho.json").read_text())
+    assert vs_rho == [{"rho": 0.05, "trial": 0, "value": study.trials[0].value}]
+
+
+def test_a_pruned_trial_is_marked_pruned_and_its_epochs_saved(tmp_path: Path) -> None:
+    params = tiny_params(trials=3)
+    study = run_study(DATA, params, study_dir=tmp_path, pruner=PruneOddTrials(), progress=False)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.user_attrs["epochs_run"] for t in study.trials] == [2, 1, 2]
+    metrics = summary_metrics(study, params)
+    assert (metrics["trials_pruned"], metrics["epochs_run"], metrics["epochs_full_search"]) == (
+        1, 5, 6)
+    assert metrics["compute_saved_fraction"] == pytest.approx(1 / 6)
+
+
+def test_study_resumes_without_repeating_finished_trials(tmp_path: Path) -> None:
+    first = run_study(DATA, tiny_params(sampler="random", trials=2), study_dir=tmp_path,
+                      progress=False)
+    before = [(t.number, t.params, t.datetime_start) for t in first.trials]
+    again = run_study(DATA, tiny_params(sampler="random", trials=4), study_dir=tmp_path,
+                      progress=False)
+    assert again.study_name == first.study_name
+    assert [(t.number, t.params, t.datetime_start) for t in again.trials[:2]] == before
+    assert len(again.trials) == 4
+    assert _key(again.trials[2].params) != _key(again.trials[0].params)
+
+
+def test_a_trial_killed_mid_run_is_run_again_on_resume(tmp_path: Path) -> None:
+    params = tiny_params(sampler="grid", trials=2, space=GRID)
+    study = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    # A worker killed mid-trial leaves it RUNNING with its grid point taken.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "heartbeat ... used with optimize"
+        abandoned = optuna.load_study(study_name=study.study_name,
+                                      storage=open_storage(storage_url(None, tmp_path)),
+                                      sampler=make_sampler(params["tune"], 0)).ask()
+    suggest(abandoned, GRID)
+
+    study = run_study(DATA, tiny_params(sampler="grid", trials=4, space=GRID),
+                      study_dir=tmp_path, progress=False)
+    assert study.trials[abandoned.number].state == TrialState.FAIL
+    complete = sorted(_key(t.params) for t in study.trials if t.state == TrialState.COMPLETE)
+    assert complete == sorted(_key(p) for p in grid_points(GRID))
+
+
+def test_changed_params_start_a_new_study_budget_changes_do_not() -> None:
+    params = tiny_params()
+    name = study_name(params, DATA)
+    assert study_name(tiny_params(trials=9, workers=2, storage="sqlite:///x.db"), DATA) == name
+    assert study_name(tiny_params(epochs=3), DATA) != name
+    changed = tiny_params()
+    changed["train"]["momentum"] = 0.8
+    assert study_name(changed, DATA) != name
+    other_data = Prepared(train=_split(300, 5), val=DATA.val, test=DATA.test,
+                          class_names=CLASS_NAMES)
+    assert study_name(params, other_data) != name
+
+
+def test_a_choice_outside_the_train_schema_is_refused_before_training(tmp_path: Path) -> None:
+    params = tiny_params(space={"batch_size": {"choices": [64, 0]}})
+    with pytest.raises(ParamsError, match=r"tune\.space\.batch_size: value 0"):
+        run_study(DATA, params, study_dir=tmp_path, progress=False)
+
+
+def test_two_worker_processes_share_the_grid_without_duplicates(tmp_path: Path) -> None:
+    # Twelve points: enough work that the later-starting worker still finds some left.
+    space = {"lr": {"choices": [0.03, 0.05, 0.1]}, "rho": {"choices": [0.0, 0.1]},
+             "batch_size": {"choices": [32, 64]}}
+    params = tiny_params(sampler="grid", trials=50, space=space, workers=2)
+    study = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(_key(t.params) for t in complete) == sorted(_key(p) for p in grid_points(space))
+    assert len({t.user_attrs["worker"] for t in complete}) == 2
