@@ -1,0 +1,440 @@
+"""Training: a plain loop in the style of PyTorch's MNIST example.
+
+`train_one_epoch` runs the batches (SAM's two passes, or a plain step), `evaluate_split`
+scores a split, and `fit` wires model, optimizer, schedule, checkpoints and logging together.
+Same params, seed, machine and thread count give the same weights, bit for bit, also when a
+killed run is resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fmnist.accel import Backend, autocast, prepare_training, select_backend, unwrap
+from fmnist.checkpoint import array_digest, fingerprint, load_checkpoint, save_checkpoint
+from fmnist.data import BatchIterator, Prepared, Split, augment_batch
+from fmnist.inference import predict_logits
+from fmnist.model import build_model
+from fmnist.modelfile import plain_state_dict
+from fmnist.preprocess import stratified_indices
+from fmnist.reproducibility import configure_torch, rng_states, seed_everything, set_rng_states
+from fmnist.sam import SAM, disable_running_stats, same_rng
+
+EVAL_BATCH_SIZE = 1000
+# The augmentation generator's seed is the run's seed plus this, so it never shares a stream
+# with the shuffling generators (seed + epoch).
+AUGMENT_SEED_OFFSET = 1_000_003
+PER_BATCH_SCHEDULES = ("onecycle", "cosine")
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    """The trained model (plain nn.Module, fp32, CPU, eval mode) and what the run measured."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    timing: dict[str, Any]
+    backend: Backend
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    lr: float
+    images: int
+    seconds: float
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+
+def build_optimizer(
+    model: nn.Module, train: dict[str, Any], backend: Backend
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Plain SGD -> backend preparation (IPEX gets the plain SGD) -> SAM around the result."""
+    base = torch.optim.SGD(
+        model.parameters(),
+        lr=train["lr"],
+        momentum=train["momentum"],
+        nesterov=train["nesterov"],
+        weight_decay=train["weight_decay"],
+    )
+    model, base = prepare_training(model, base, backend)
+    if train["optimizer"] == "sgd":
+        return model, base
+    optimizer = SAM(model.parameters(), base, rho=train["rho"], adaptive=train["adaptive"])
+    return model, optimizer
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: dict[str, Any], steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """onecycle and cosine step once per batch, step once per epoch, constant never.
+
+    onecycle keeps train.momentum fixed (no momentum cycling), so the params mean what they say.
+    The scheduler drives the base optimizer, whose param_groups SAM shares.
+    """
+    optimizer = base_optimizer(optimizer)
+    schedule = train["schedule"]
+    total = train["epochs"] * steps_per_epoch
+    name = schedule["name"]
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=train["lr"],
+            total_steps=total,
+            pct_start=schedule["pct_start"],
+            cycle_momentum=False,
+        )
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=schedule["step_size"], gamma=schedule["gamma"]
+        )
+    return None
+
+
+def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that takes the actual steps: SAM's base optimizer, or the optimizer itself."""
+    return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+
+
+def subset_split(split: Split, n: int | None, seed: int) -> Split:
+    """A stratified subset of n examples (tune's short trials); None or n >= len keeps all."""
+    if n is None or n >= len(split.labels):
+        return split
+    index = stratified_indices(split.labels, n, seed)
+    return Split(images=split.images[index], labels=split.labels[index])
+
+
+# --- one step, one epoch, one evaluation --------------------------------------------------------
+
+
+def sam_step(
+    model: nn.Module,
+    optimizer: SAM,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    backend: Backend,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's two passes: ascend to the worst nearby weights, then descend with that gradient.
+
+    Both passes autocast alike and share one dropout mask; BN running statistics come from the
+    first pass only. Returns the first pass's loss and logits.
+    """
+    with same_rng() as replay:
+        with autocast(backend):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.first_step(zero_grad=True)
+        with replay(), disable_running_stats(model), autocast(backend):
+            loss_fn(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+    return loss.detach(), logits.detach()
+
+
+def plain_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    backend: Backend,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ordinary step of `optimizer` (plain SGD, or SAM's base optimizer between SAM steps)."""
+    with autocast(backend):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), logits.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    loader: BatchIterator,
+    backend: Backend,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    augment: dict[str, Any],
+    generator: torch.Generator,
+    sam_every: int,
+    first_step: int,
+    desc: str = "",
+    progress: bool = True,
+) -> EpochStats:
+    """One pass over the loader; `scheduler` (if any) steps after every batch.
+
+    Step number `first_step + i` decides SAM or plain: a SAM step every `sam_every` steps.
+    """
+    model.train()
+    total_loss = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    seen = 0
+    lr = optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(bar):
+        x = augment_batch(
+            x, flip=augment["flip"], crop_padding=augment["crop_padding"], generator=generator
+        )
+        x = x.to(backend.device).contiguous(memory_format=torch.channels_last)
+        y = y.to(backend.device)
+        lr = optimizer.param_groups[0]["lr"]
+        if isinstance(optimizer, SAM) and (first_step + i) % sam_every == 0:
+            loss, logits = sam_step(model, optimizer, x, y, loss_fn, backend)
+        else:
+            loss, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, backend)
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.double().cpu() * len(y)
+        correct += (logits.argmax(dim=1) == y).sum().cpu()
+        seen += len(y)
+        if progress and (i % 20 == 0 or i == len(loader) - 1):
+            bar.set_postfix(
+                loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
+                refresh=False,
+            )
+    bar.close()
+    seconds = time.perf_counter() - start
+    return EpochStats(
+        loss=total_loss.item() / max(seen, 1),
+        acc=correct.item() / max(seen, 1),
+        lr=lr,
+        images=seen,
+        seconds=seconds,
+    )
+
+
+def evaluate_split(
+    model: nn.Module, split: Split, backend: Backend, *, batch_size: int = EVAL_BATCH_SIZE
+) -> tuple[float, float]:
+    """(mean cross-entropy without label smoothing, accuracy) of the model on a split."""
+    logits = torch.from_numpy(
+        predict_logits(model, split.images, batch_size=batch_size, backend=backend)
+    )
+    labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.int64)
+    loss = F.cross_entropy(logits.double(), labels).item()
+    acc = (logits.argmax(dim=1) == labels).double().mean().item()
+    return loss, acc
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def fit(
+    data: Prepared,
+    params: dict[str, Any],
+    *,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    checkpoint_path: Path | None = None,
+    live: Any = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train params["model"] with params["train"] on data.train, validating on data.val.
+
+    `epochs` and `train_subset` override params (tune's short trials). After each epoch: the
+    checkpoint is written (if `checkpoint_path`), the epoch is logged to `live` (a dvclive.Live),
+    then `on_epoch_end(epoch_number, stats)` runs (1-based; it may raise to stop training).
+    A matching checkpoint at `checkpoint_path` is resumed from, and its history replayed to `live`.
+    """
+    train = dict(params["train"])
+    if epochs is not None:
+        train["epochs"] = epochs
+    seed = params["seed"]
+    backend = select_backend(params["ipex"], train["device"], train["compile"])
+    configure_torch(train["threads"], backend.device)
+    seed_everything(seed)
+
+    train_split = subset_split(data.train, train_subset, seed)
+    model = build_model(params["model"])
+    model, optimizer = build_optimizer(model, train, backend)
+    loader = BatchIterator(
+        train_split.images, train_split.labels, train["batch_size"], shuffle=True, seed=seed
+    )
+    steps_per_epoch = len(loader)
+    scheduler = build_scheduler(optimizer, train, steps_per_epoch)
+    per_batch = train["schedule"]["name"] in PER_BATCH_SCHEDULES
+    per_batch_scheduler = scheduler if per_batch else None
+    per_epoch_scheduler = None if per_batch else scheduler
+    generator = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
+    generators = {"augment": generator}
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=train["label_smoothing"])
+
+    history: list[dict[str, float]] = []
+    print_ = tqdm.write if progress else (lambda _message: None)
+    run_id = ""
+    if checkpoint_path is not None:
+        run_id = fingerprint(
+            {**params, "train": {**train, "train_subset": train_subset}},
+            array_digest(train_split.images, train_split.labels, data.val.images, data.val.labels),
+        )
+        state = load_checkpoint(checkpoint_path, run_id)
+        if state is not None:
+            history = restore(state, model, optimizer, scheduler, generators)
+            print(f"train: resuming after epoch {len(history)} from {checkpoint_path}",
+                  file=sys.stderr, flush=True)
+    if live is not None:
+        for entry in history:
+            log_epoch(live, entry)
+
+    wall_start = time.perf_counter()
+    for epoch in range(len(history), train["epochs"]):
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(
+            model,
+            optimizer,
+            per_batch_scheduler,
+            loader,
+            backend,
+            loss_fn=loss_fn,
+            augment=train["augment"],
+            generator=generator,
+            sam_every=train["sam_every"],
+            first_step=epoch * steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{train['epochs']}",
+            progress=progress,
+        )
+        if per_epoch_scheduler is not None:
+            per_epoch_scheduler.step()
+        val_loss, val_acc = evaluate_split(model, data.val, backend)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "train_acc": stats.acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": stats.lr,
+            "images_per_s": stats.images / stats.seconds if stats.seconds > 0 else 0.0,
+            "seconds": stats.seconds,
+        }
+        history.append(entry)
+        print_(
+            f"epoch {epoch + 1}/{train['epochs']}: train loss {stats.loss:.4f} "
+            f"acc {stats.acc:.4f}, val loss {val_loss:.4f} acc {val_acc:.4f}, "
+            f"lr {stats.lr:.4g}, {entry['images_per_s']:,.0f} images/s"
+        )
+        if checkpoint_path is not None:
+            state = snapshot(model, optimizer, scheduler, generators, history)
+            save_checkpoint(checkpoint_path, run_id, state)
+        if live is not None:
+            log_epoch(live, entry)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, epoch_stats(entry))
+    wall_seconds = time.perf_counter() - wall_start
+
+    final = build_model(params["model"])
+    final.load_state_dict(plain_state_dict(unwrap(model)))
+    final.eval()
+    return FitResult(
+        model=final,
+        history=history,
+        metrics=quality_metrics(history, len(train_split.labels)),
+        timing=timing_summary(history, wall_seconds),
+        backend=backend,
+    )
+
+
+def snapshot(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generators: dict[str, torch.Generator],
+    history: list[dict[str, float]],
+) -> dict[str, Any]:
+    """Everything the next epoch depends on (SAM's state_dict is its base optimizer's)."""
+    return {
+        "epoch": len(history),
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_states(generators),
+        "history": history,
+    }
+
+
+def restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generators: dict[str, torch.Generator],
+) -> list[dict[str, float]]:
+    """Load a snapshot() into freshly built objects; returns the finished epochs' history."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"], generators)
+    return [dict(entry) for entry in state["history"]]
+
+
+def epoch_stats(entry: dict[str, float]) -> dict[str, float]:
+    """What on_epoch_end receives."""
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s")
+    return {key: entry[key] for key in keys}
+
+
+def log_epoch(live: Any, entry: dict[str, float]) -> None:
+    """One dvclive step: quality curves, the learning rate, and throughput under timing/."""
+    live.log_metric("train/loss", entry["train_loss"])
+    live.log_metric("train/acc", entry["train_acc"])
+    live.log_metric("val/loss", entry["val_loss"])
+    live.log_metric("val/acc", entry["val_acc"])
+    live.log_metric("lr", entry["lr"])
+    live.log_metric("timing/images_per_s", entry["images_per_s"])
+    live.next_step()
+
+
+def quality_metrics(history: list[dict[str, float]], train_examples: int) -> dict[str, float]:
+    """Final-epoch quality numbers (no timings: those differ between identical runs)."""
+    if not history:
+        return {"epochs": 0, "train_examples": train_examples}
+    last = history[-1]
+    return {
+        "epochs": int(last["epoch"]),
+        "train_examples": train_examples,
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "val_loss": last["val_loss"],
+        "val_acc": last["val_acc"],
+        "best_val_acc": max(entry["val_acc"] for entry in history),
+    }
+
+
+def timing_summary(history: list[dict[str, float]], wall_seconds: float) -> dict[str, Any]:
+    """Seconds and throughput; epochs run before a resume keep their measured times."""
+    seconds = [entry["seconds"] for entry in history]
+    rates = [entry["images_per_s"] for entry in history]
+    return {
+        "train_seconds": sum(seconds),
+        "wall_seconds_this_run": wall_seconds,
+        "epoch_seconds": seconds,
+        "images_per_s": rates,
+        "images_per_s_mean": float(np.mean(rates)) if rates else 0.0,
+        "images_per_s_median": float(np.median(rates)) if rates else 0.0,
+    }

@@ -1,0 +1,340 @@
+"""Training on tiny synthetic data: it learns, it is deterministic, it resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist.checkpoint import load_checkpoint
+from fmnist.constants import CLASS_NAMES
+from fmnist.data import Prepared, Split
+from fmnist.modelfile import read_model_file
+from fmnist.params import load_params
+from fmnist.train import fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _split(n: int, seed: int) -> Split:
+    """Three classes anyone can tell apart, flip-invariant: bright top, bottom or centre band."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % 3
+    images = rng.integers(0, 50, size=(n, 28, 28), dtype=np.uint8)
+    rows = {0: slice(2, 10), 1: slice(18, 26), 2: slice(10, 18)}
+    for i, label in enumerate(labels):
+        images[i, rows[int(label)], 4:24] = rng.integers(180, 256)
+    return Split(images=images, labels=labels)
+
+
+DATA = Prepared(
+    train=_split(256, 0), val=_split(96, 1), test=_split(48, 2), class_names=CLASS_NAMES
+)
+
+
+def tiny_params(**train: Any) -> dict[str, Any]:
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["model"].update(channels=[4, 8], convs_per_block=1, hidden=16, dropout=0.1)
+    params["train"].update(batch_size=32, epochs=2, threads=1, lr=0.05, device="cpu")
+    params["ipex"].update(enabled=False, dtype="float32")
+    params["train"].update(train)
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _quality(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in e.items() if k not in ("seconds", "images_per_s")} for e in history]
+
+
+def test_training_learns_separable_classes() -> None:
+    result = fit(DATA, tiny_params(epochs=3), progress=False)
+    assert result.metrics["val_acc"] >= 0.9  # chance is 1/3
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert not result.model.training
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert set(result.timing) >= {"train_seconds", "images_per_s_mean", "epoch_seconds"}
+    assert "images_per_s" not in result.metrics and "seconds" not in result.metrics
+
+
+def test_rerun_gives_bit_identical_weights_and_metrics() -> None:
+    a = fit(DATA, tiny_params(), progress=False)
+    b = fit(DATA, tiny_params(), progress=False)
+    assert _same_weights(a.model, b.model)
+    assert _quality(a.history) == _quality(b.history)
+    assert a.metrics == b.metrics
+
+
+def test_other_seed_gives_other_weights() -> None:
+    params = tiny_params()
+    params["seed"] = 7
+    assert not _same_weights(fit(DATA, tiny_params(), progress=False).model,
+                             fit(DATA, params, progress=False).model)
+
+
+def test_resume_from_epoch_one_checkpoint_ends_with_same_weights(tmp_path: Path) -> None:
+    path, kept = tmp_path / "train.ckpt", tmp_path / "after_epoch_1.ckpt"
+
+    def keep_first(epoch: int, stats: dict[str, float]) -> None:
+        if epoch == 1:
+            shutil.copy(path, kept)
+
+    params = tiny_params(epochs=3, optimizer="sam", sam_every=2, augment={"flip": True,
+                                                                          "crop_padding": 2})
+    full = fit(DATA, params, checkpoint_path=path, on_epoch_end=keep_first, progress=False)
+    shutil.copy(kept, path)  # as if the run had been killed during epoch 2
+    epochs_run: list[int] = []
+    resumed = fit(DATA, params, checkpoint_path=path, progress=False,
+                  on_epoch_end=lambda epoch, stats: epochs_run.append(epoch))
+    assert epochs_run == [2, 3]
+    assert _same_weights(full.model, resumed.model)
+    assert _quality(full.history) == _quality(resumed.history)
+
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+from fmnist.constants import CLASS_NAMES
+from fmnist.data import Prepared, Split
+from fmnist.train import fit
+
+torch.set_num_threads(1)
+work = Path(sys.argv[1])
+arrays = np.load(work / "data.npz")
+split = lambda name: Split(images=arrays[name + "_x"], labels=arrays[name + "_y"])
+data = Prepared(train=split("train"), val=split("val"), test=split("test"),
+                class_names=CLASS_NAMES)
+params = json.loads((work / "params.json").read_text())
+stall = sys.argv[2] == "stall"
+
+def on_epoch_end(epoch, stats):
+    if stall and epoch == 1:
+        (work / "epoch1.done").touch()
+        time.sleep(600)  # killed here
+
+result = fit(data, params, checkpoint_path=work / "train.ckpt", on_epoch_end=on_epoch_end,
+             progress=False)
+torch.save(result.model.state_dict(), work / "final.pt")
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    params = tiny_params(epochs=2)
+    np.savez(tmp_path / "data.npz", **{f"{name}_{kind}": getattr(getattr(DATA, name), attr)
+                                      for name in ("train", "val", "test")
+                                      for kind, attr in (("x", "images"), ("y", "labels"))})
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path), "stall"], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "epoch1.done").exists():
+            assert child.poll() is None, "child died before its first epoch ended"
+            assert time.monotonic() < deadline, "child never finished epoch 1"
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert (tmp_path / "train.ckpt").exists() and not (tmp_path / "final.pt").exists()
+
+    rerun = subprocess.run([sys.executable, str(script), str(tmp_path), "go"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = torch.load(tmp_path / "final.pt", weights_only=True)
+    uninterrupted = fit(DATA, params, progress=False).model.state_dict()
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_checkpoint_from_other_params_is_discarded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "train.ckpt"
+    fit(DATA, tiny_params(epochs=1, lr=0.2), checkpoint_path=path, progress=False)
+    assert path.exists()
+    capsys.readouterr()
+    epochs_run: list[int] = []
+    params = tiny_params(epochs=1)
+    resumed = fit(DATA, params, checkpoint_path=path, progress=False,
+                  on_epoch_end=lambda epoch, stats: epochs_run.append(epoch))
+    assert "train: checkpoint from different params, starting fresh" in capsys.readouterr().err
+    assert epochs_run == [1]
+    assert _same_weights(resumed.model, fit(DATA, params, progress=False).model)
+
+
+def test_checkpoint_holds_optimizer_scheduler_and_rng_states(tmp_path: Path) -> None:
+    path = tmp_path / "train.ckpt"
+    params = tiny_params(epochs=1)
+    fit(DATA, params, checkpoint_path=path, progress=False)
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 1 and len(raw["history"]) == 1
+    assert {"model", "optimizer", "scheduler", "rng", "fingerprint"} <= set(raw)
+    assert {"python", "numpy", "torch", "generators"} <= set(raw["rng"])
+    assert "augment" in raw["rng"]["generators"]
+    assert load_checkpoint(path, raw["fingerprint"]) is not None
+
+
+def test_sgd_and_sam_both_learn_and_differ() -> None:
+    sgd = fit(DATA, tiny_params(optimizer="sgd", epochs=3), progress=False)
+    sam = fit(DATA, tiny_params(optimizer="sam", epochs=3), progress=False)
+    assert sgd.metrics["val_acc"] >= 0.9 and sam.metrics["val_acc"] >= 0.9
+    assert not _same_weights(sgd.model, sam.model)
+
+
+def test_sam_every_second_step_differs_from_every_step() -> None:
+    every = fit(DATA, tiny_params(sam_every=1), progress=False)
+    second = fit(DATA, tiny_params(sam_every=2), progress=False)
+    assert second.metrics["val_acc"] > 0.5
+    assert not _same_weights(every.model, second.model)
+
+
+def test_with_rho_zero_sam_steps_equal_plain_steps() -> None:
+    """rho=0: the second pass sees the same weights and (replayed) dropout mask as the first,
+    so SAM steps and plain steps agree and sam_every cannot matter."""
+    a = fit(DATA, tiny_params(rho=0.0, sam_every=1, epochs=1), progress=False)
+    b = fit(DATA, tiny_params(rho=0.0, sam_every=1000, epochs=1), progress=False)
+    for (key, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                           strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_both_dtypes_train_and_weights_stay_float32(dtype: str) -> None:
+    params = tiny_params(epochs=3)
+    params["ipex"]["dtype"] = dtype
+    result = fit(DATA, params, progress=False)
+    assert result.metrics["val_acc"] >= 0.9
+    assert result.backend.dtype == getattr(torch, dtype)
+    assert all(v.dtype == torch.float32 for v in result.model.state_dict().values()
+               if v.is_floating_point())
+
+
+def test_step_schedule_decays_once_per_epoch() -> None:
+    schedule = {"name": "step", "pct_start": 0.25, "step_size": 1, "gamma": 0.5}
+    result = fit(DATA, tiny_params(epochs=3, lr=0.08, schedule=schedule), progress=False)
+    assert [e["lr"] for e in result.history] == pytest.approx([0.08, 0.04, 0.02])
+
+
+def test_constant_schedule_keeps_the_learning_rate() -> None:
+    schedule = {"name": "constant", "pct_start": 0.25, "step_size": 1, "gamma": 0.5}
+    result = fit(DATA, tiny_params(lr=0.03, schedule=schedule), progress=False)
+    assert [e["lr"] for e in result.history] == [0.03, 0.03]
+
+
+def test_onecycle_ends_near_zero_learning_rate() -> None:
+    result = fit(DATA, tiny_params(epochs=2, lr=0.1), progress=False)
+    assert result.history[0]["lr"] > 0.01 and result.history[-1]["lr"] < 1e-3
+
+
+def test_train_subset_trains_on_fewer_examples() -> None:
+    result = fit(DATA, tiny_params(epochs=1), train_subset=60, progress=False)
+    assert result.metrics["train_examples"] == 60
+    assert fit(DATA, tiny_params(epochs=1), progress=False).metrics["train_examples"] == 256
+
+
+def test_on_epoch_end_gets_stats_and_may_stop_training() -> None:
+    calls: list[tuple[int, dict[str, float]]] = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
+        calls.append((epoch, stats))
+        raise Stop
+
+    with pytest.raises(Stop):
+        fit(DATA, tiny_params(epochs=3), on_epoch_end=on_epoch_end, progress=False)
+    assert [epoch for epoch, _ in calls] == [1]
+    assert set(calls[0][1]) == {"train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                                "images_per_s"}
+
+
+def _load_stage():
+    spec = importlib.util.spec_from_file_location("train_stage", REPO / "stages" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_prepared(root: Path) -> None:
+    import h5py
+
+    path = root / "data" / "prepared" / "fashion_mnist.h5"
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:
+        for name in ("train", "val", "test"):
+            split = getattr(DATA, name)
+            f[f"{name}/images"] = split.images
+            f[f"{name}/labels"] = split.labels
+        f.attrs["class_names"] = list(CLASS_NAMES)
+        sizes = {name: len(getattr(DATA, name).labels) for name in ("train", "val", "test")}
+        f.attrs["split_sizes"] = json.dumps(sizes)
+        f.attrs["seed"] = 0
+        f.attrs["val_fraction"] = 0.25
+
+
+def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_prepared(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    stage = _load_stage()
+    params = tiny_params(epochs=2)
+    stage.main(params)
+
+    payload = read_model_file("models/model.pth")
+    assert payload["model_config"]["channels"] == [4, 8]
+    metrics = json.loads(Path("reports/train/metrics.json").read_text())
+    assert "timing" not in metrics and metrics["epochs"] == 2
+    assert {"train", "val", "lr"} <= set(metrics)
+    assert metrics["backend"]["backend_ipex"] == 0 and metrics["backend"]["dtype"] == "float32"
+    timing = json.loads(Path("reports/train/timing.json").read_text())
+    assert len(timing["epoch_seconds"]) == 2 and timing["images_per_s_mean"] > 0
+    plots = Path("reports/train/plots/metrics")
+    for name in ("train/loss.tsv", "train/acc.tsv", "val/loss.tsv", "val/acc.tsv", "lr.tsv",
+                 "timing/images_per_s.tsv"):
+        rows = (plots / name).read_text().splitlines()
+        assert rows[0].split("\t") == ["step", Path(name).stem], name
+        assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1"], name
+    assert not Path("checkpoints/train.ckpt").exists()
+
+    # A run killed after epoch 1 of 3: the resumed stage replays epoch 1 into fresh curves.
+    params3 = tiny_params(epochs=3)
+    kept = tmp_path / "after_epoch_1.ckpt"
+
+    def keep_first(epoch: int, stats: dict[str, float]) -> None:
+        if epoch == 1:
+            shutil.copy("checkpoints/train.ckpt", kept)
+
+    fit(DATA, params3, checkpoint_path=Path("checkpoints/train.ckpt"), on_epoch_end=keep_first,
+        progress=False)
+    shutil.copy(kept, "checkpoints/train.ckpt")
+    stage.main(params3)
+    rows = (plots / "val/acc.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert json.loads(Path("reports/train/metrics.json").read_text())["epochs"] == 3
