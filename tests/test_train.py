@@ -251,6 +251,15 @@ def test_onecycle_ends_near_zero_learning_rate() -> None:
     assert result.history[0]["lr"] > 0.01 and result.history[-1]["lr"] < 1e-3
 
 
+def test_onecycle_with_a_one_step_warm_up_trains() -> None:
+    # 128 examples in batches of 32: 4 steps, and 0.25 of them is the one step at which
+    # OneCycleLR's warm-up phase has zero length (a 2-trial tune on a small slice hit it).
+    params = tiny_params(epochs=1, lr=0.1, schedule={"name": "onecycle", "pct_start": 0.25,
+                                                     "step_size": 1, "gamma": 0.5})
+    result = fit(DATA, params, train_subset=128, progress=False)
+    assert result.metrics["epochs"] == 1 and np.isfinite(result.metrics["train_loss"])
+
+
 def test_train_subset_trains_on_fewer_examples() -> None:
     result = fit(DATA, tiny_params(epochs=1), train_subset=60, progress=False)
     assert result.metrics["train_examples"] == 60

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from fmnist.accel import Backend, autocast, prepare_training, select_backend, unwrap
 from fmnist.checkpoint import array_digest, fingerprint, load_checkpoint, save_checkpoint
 from fmnist.data import BatchIterator, Prepared, Split, augment_batch
+from fmnist.distributed import DistContext, rank_seed, single_process
 from fmnist.inference import predict_logits
 from fmnist.model import build_model
 from fmnist.modelfile import plain_state_dict
@@ -38,6 +40,7 @@ AUGMENT_SEED_OFFSET = 1_000_003
 PER_BATCH_SCHEDULES = ("onecycle", "cosine")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+PassContext = Callable[[], AbstractContextManager[Any]]
 
 
 @dataclass
@@ -98,7 +101,7 @@ def build_scheduler(
             optimizer,
             max_lr=train["lr"],
             total_steps=total,
-            pct_start=schedule["pct_start"],
+            pct_start=onecycle_pct_start(schedule["pct_start"], total),
             cycle_momentum=False,
         )
     if name == "cosine":
@@ -108,6 +111,18 @@ def build_scheduler(
             optimizer, step_size=schedule["step_size"], gamma=schedule["gamma"]
         )
     return None
+
+
+def onecycle_pct_start(pct_start: float, total_steps: int) -> float:
+    """pct_start, moved off the one value OneCycleLR divides by zero at.
+
+    OneCycleLR's warm-up phase ends at step pct_start * total - 1; when that is exactly 0
+    (e.g. 4 steps at 0.25: a short tune trial) its first phase has zero length and it raises
+    ZeroDivisionError. Then warm up for 1.5 steps instead, which keeps both phases non-empty.
+    """
+    if total_steps >= 2 and abs(pct_start * total_steps - 1) < 1e-9:
+        return 1.5 / total_steps
+    return pct_start
 
 
 def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -133,17 +148,21 @@ def sam_step(
     y: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     backend: Backend,
+    first_pass: PassContext = nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's two passes: ascend to the worst nearby weights, then descend with that gradient.
 
     Both passes autocast alike and share one dropout mask; BN running statistics come from the
-    first pass only. Returns the first pass's loss and logits.
+    first pass only. `first_pass()` wraps the first forward *and* backward: under DDP it is
+    `no_sync`, so each rank ascends along its own shard's gradient (m-sharpness).
+    Returns the first pass's loss and logits.
     """
     with same_rng() as replay:
-        with autocast(backend):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        loss.backward()
+        with first_pass():
+            with autocast(backend):
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            loss.backward()
         optimizer.first_step(zero_grad=True)
         with replay(), disable_running_stats(model), autocast(backend):
             loss_fn(model(x), y).backward()
@@ -181,13 +200,17 @@ def train_one_epoch(
     generator: torch.Generator,
     sam_every: int,
     first_step: int,
+    first_pass: PassContext = nullcontext,
+    dist: DistContext | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> EpochStats:
     """One pass over the loader; `scheduler` (if any) steps after every batch.
 
     Step number `first_step + i` decides SAM or plain: a SAM step every `sam_every` steps.
+    Loss, accuracy and images are summed over the ranks of `dist`.
     """
+    dist = dist or single_process()
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
@@ -204,7 +227,7 @@ def train_one_epoch(
         y = y.to(backend.device)
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(optimizer, SAM) and (first_step + i) % sam_every == 0:
-            loss, logits = sam_step(model, optimizer, x, y, loss_fn, backend)
+            loss, logits = sam_step(model, optimizer, x, y, loss_fn, backend, first_pass)
         else:
             loss, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, backend)
         if scheduler is not None:
@@ -219,9 +242,13 @@ def train_one_epoch(
             )
     bar.close()
     seconds = time.perf_counter() - start
+    # float64 sums: exact for the counts, the same bytes on every rank.
+    totals = dist.all_reduce_sum(torch.stack([total_loss, correct.double(),
+                                              torch.tensor(seen, dtype=torch.float64)]))
+    total, hits, seen = totals[0].item(), totals[1].item(), int(totals[2].item())
     return EpochStats(
-        loss=total_loss.item() / max(seen, 1),
-        acc=correct.item() / max(seen, 1),
+        loss=total / max(seen, 1),
+        acc=hits / max(seen, 1),
         lr=lr,
         images=seen,
         seconds=seconds,
@@ -254,6 +281,7 @@ def fit(
     checkpoint_path: Path | None = None,
     live: Any = None,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> FitResult:
     """Train params["model"] with params["train"] on data.train, validating on data.val.
 
@@ -261,27 +289,42 @@ def fit(
     checkpoint is written (if `checkpoint_path`), the epoch is logged to `live` (a dvclive.Live),
     then `on_epoch_end(epoch_number, stats)` runs (1-based; it may raise to stop training).
     A matching checkpoint at `checkpoint_path` is resumed from, and its history replayed to `live`.
+
+    Under torchrun, `dist` (see fmnist.distributed) makes this one rank of a DDP run: its share
+    of every global batch, metrics summed over ranks, and rank 0 alone writing the checkpoint,
+    logging to `live` and showing progress. Every rank returns the same model and history.
     """
+    dist = dist or single_process()
+    progress = progress and dist.is_main
     train = dict(params["train"])
     if epochs is not None:
         train["epochs"] = epochs
     seed = params["seed"]
     backend = select_backend(params["ipex"], train["device"], train["compile"])
+    if dist.enabled:
+        backend = replace(backend, device=dist.device)
     configure_torch(train["threads"], backend.device)
     seed_everything(seed)
 
     train_split = subset_split(data.train, train_subset, seed)
     model = build_model(params["model"])
     model, optimizer = build_optimizer(model, train, backend)
+    if dist.rank:  # same initial weights everywhere, a dropout stream of each rank's own
+        torch.manual_seed(rank_seed(seed, dist.rank))
+    net = dist.wrap(model)
+    first_pass: PassContext = nullcontext
+    if not train["sam_sync_first_step"]:
+        first_pass = lambda: dist.no_sync(net)  # noqa: E731
     loader = BatchIterator(
-        train_split.images, train_split.labels, train["batch_size"], shuffle=True, seed=seed
+        train_split.images, train_split.labels, train["batch_size"], shuffle=True, seed=seed,
+        rank=dist.rank, world_size=dist.world_size,
     )
     steps_per_epoch = len(loader)
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)
     per_batch = train["schedule"]["name"] in PER_BATCH_SCHEDULES
     per_batch_scheduler = scheduler if per_batch else None
     per_epoch_scheduler = None if per_batch else scheduler
-    generator = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
+    generator = torch.Generator().manual_seed(rank_seed(seed, dist.rank) + AUGMENT_SEED_OFFSET)
     generators = {"augment": generator}
     loss_fn = nn.CrossEntropyLoss(label_smoothing=train["label_smoothing"])
 
@@ -289,15 +332,21 @@ def fit(
     print_ = tqdm.write if progress else (lambda _message: None)
     run_id = ""
     if checkpoint_path is not None:
+        shape = {"train_subset": train_subset, "world_size": dist.world_size}
         run_id = fingerprint(
-            {**params, "train": {**train, "train_subset": train_subset}},
+            {**params, "train": {**train, **shape}},
             array_digest(train_split.images, train_split.labels, data.val.images, data.val.labels),
         )
-        state = load_checkpoint(checkpoint_path, run_id)
+        # Rank 0 reads the checkpoint (and reports on it); every rank resumes from its copy.
+        state = dist.broadcast_object(
+            load_checkpoint(checkpoint_path, run_id) if dist.is_main else None
+        )
         if state is not None:
-            history = restore(state, model, optimizer, scheduler, generators)
-            print(f"train: resuming after epoch {len(history)} from {checkpoint_path}",
-                  file=sys.stderr, flush=True)
+            history = restore(state, model, optimizer, scheduler, generators, rank=dist.rank)
+            if dist.is_main:
+                print(f"train: resuming after epoch {len(history)} from {checkpoint_path}",
+                      file=sys.stderr, flush=True)
+    live = live if dist.is_main else None
     if live is not None:
         for entry in history:
             log_epoch(live, entry)
@@ -306,7 +355,7 @@ def fit(
     for epoch in range(len(history), train["epochs"]):
         loader.set_epoch(epoch)
         stats = train_one_epoch(
-            model,
+            net,
             optimizer,
             per_batch_scheduler,
             loader,
@@ -316,11 +365,14 @@ def fit(
             generator=generator,
             sam_every=train["sam_every"],
             first_step=epoch * steps_per_epoch,
+            first_pass=first_pass,
+            dist=dist,
             desc=f"epoch {epoch + 1}/{train['epochs']}",
             progress=progress,
         )
         if per_epoch_scheduler is not None:
             per_epoch_scheduler.step()
+        dist.broadcast_buffers(model)  # the ranks' BN statistics differ after their last batch
         val_loss, val_acc = evaluate_split(model, data.val, backend)
         entry = {
             "epoch": epoch + 1,
@@ -339,8 +391,11 @@ def fit(
             f"lr {stats.lr:.4g}, {entry['images_per_s']:,.0f} images/s"
         )
         if checkpoint_path is not None:
-            state = snapshot(model, optimizer, scheduler, generators, history)
-            save_checkpoint(checkpoint_path, run_id, state)
+            rank_rngs = dist.all_gather_object(rng_states(generators))
+            if dist.is_main:
+                state = snapshot(model, optimizer, scheduler, generators, history)
+                state["rank_rng"] = rank_rngs[1:]
+                save_checkpoint(checkpoint_path, run_id, state)
         if live is not None:
             log_epoch(live, entry)
         if on_epoch_end is not None:
@@ -366,7 +421,10 @@ def snapshot(
     generators: dict[str, torch.Generator],
     history: list[dict[str, float]],
 ) -> dict[str, Any]:
-    """Everything the next epoch depends on (SAM's state_dict is its base optimizer's)."""
+    """Everything the next epoch depends on (SAM's state_dict is its base optimizer's).
+
+    Holds this process's random streams; under DDP, fit adds the other ranks' as `rank_rng`.
+    """
     return {
         "epoch": len(history),
         "model": unwrap(model).state_dict(),
@@ -383,13 +441,18 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     generators: dict[str, torch.Generator],
+    *,
+    rank: int = 0,
 ) -> list[dict[str, float]]:
-    """Load a snapshot() into freshly built objects; returns the finished epochs' history."""
+    """Load a snapshot() into freshly built objects; returns the finished epochs' history.
+
+    `rank` > 0 takes its own random streams from `rank_rng` (rank 0's are `rng`).
+    """
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(state["rng"], generators)
+    set_rng_states(state["rng"] if rank == 0 else state["rank_rng"][rank - 1], generators)
     return [dict(entry) for entry in state["history"]]
 
 
