@@ -166,15 +166,23 @@ def test_killed_repro_leaves_no_trusted_half_result_and_next_repro_completes(
 ) -> None:
     env = {**os.environ, **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
            f"{os.environ['PATH']}"}
-    proc = subprocess.Popen(["dvc", "repro", "--force", "train"], cwd=pipeline, env=env,
+    # Three epochs, so that the kill surely lands mid-training: after epoch 1's checkpoint.
+    params_file = pipeline / "params.yaml"
+    committed = params_file.read_text()
+    longer = yaml.safe_load(committed)
+    longer["train"]["epochs"] = 3
+    params_file.write_text(yaml.safe_dump(longer, sort_keys=False))
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=pipeline, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     checkpoint = pipeline / "checkpoints" / "train.ckpt"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs, mid-training
     proc.wait()
+    params_file.write_text(committed)
     # The previous model or none, never a partial one (a hidden temporary file may remain).
     leftovers = [p.name for p in (pipeline / "models").glob("*") if not p.name.startswith(".")]
     assert leftovers in ([], ["model.pth"])
