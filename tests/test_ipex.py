@@ -224,7 +224,7 @@ def test_ipex_trained_model_file_predicts_the_same_under_main_torch(tmp_path: Pa
         "import json, sys, numpy as np, torch\n"
         "from fmnist.accel import Backend\n"
         "from fmnist.inference import predict_logits\n"
-        "from fmnist.modelfile import load_model\n"
+        "from fmnist.loading import load_model\n"
         "model = load_model(sys.argv[1])\n"
         "backend = Backend('native', torch.bfloat16, torch.device('cpu'))\n"
         "logits = predict_logits(model, np.load(sys.argv[2]), batch_size=100, backend=backend)\n"

@@ -9,7 +9,8 @@ import torch
 
 from fmnist.errors import FmnistError
 from fmnist.model import Normalize, build_model
-from fmnist.modelfile import load_model, read_model_file, save_model
+from fmnist.loading import load_model
+from fmnist.modelfile import read_model_file, save_model
 
 CONFIG = {
     "channels": [4, 8], "convs_per_block": 2, "batch_norm": True, "dropout": 0.25, "hidden": 16

@@ -182,9 +182,37 @@ def test_checkpoint_from_other_params_is_discarded(
     params = tiny_params(epochs=1)
     resumed = fit(DATA, params, checkpoint_path=path, progress=False,
                   on_epoch_end=lambda epoch, stats: epochs_run.append(epoch))
-    assert "train: checkpoint from different params, starting fresh" in capsys.readouterr().err
+    assert "train: checkpoint from other params, data or code, starting fresh" in \
+        capsys.readouterr().err
     assert epochs_run == [1]
     assert _same_weights(resumed.model, fit(DATA, params, progress=False).model)
+
+
+def test_checkpoint_from_other_code_is_discarded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit_source
+) -> None:
+    path = tmp_path / "train.ckpt"
+    params = tiny_params(epochs=2)
+    with pytest.raises(_Stop):  # killed after epoch 1: its checkpoint stays
+        fit(DATA, params, checkpoint_path=path, progress=False,
+            on_epoch_end=lambda epoch, stats: _stop_after_first(epoch))
+    assert path.exists()
+    edit_source("sam.py")
+    capsys.readouterr()
+    epochs_run: list[int] = []
+    fit(DATA, params, checkpoint_path=path, progress=False,
+        on_epoch_end=lambda epoch, stats: epochs_run.append(epoch))
+    assert "starting fresh" in capsys.readouterr().err
+    assert epochs_run == [1, 2]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first(epoch: int) -> None:
+    if epoch == 1:
+        raise _Stop
 
 
 def test_checkpoint_holds_optimizer_scheduler_and_rng_states(tmp_path: Path) -> None:

@@ -172,6 +172,19 @@ def test_changed_params_start_a_new_study_budget_changes_do_not() -> None:
     assert study_name(params, other_data) != name
 
 
+def test_editing_the_code_a_trial_runs_starts_a_new_study(tmp_path: Path, edit_source) -> None:
+    params = tiny_params(sampler="grid", trials=2, space={"lr": {"choices": [0.05, 0.1]}})
+    first = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    again = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    assert again.study_name == first.study_name  # same code: resumed, nothing new to run
+    edit_source("sam.py")
+    edited = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    assert edited.study_name != first.study_name
+    assert sum(t.state == TrialState.COMPLETE for t in edited.trials) == 2
+    edit_source("figures.py")  # a module no trial imports
+    assert study_name(params, DATA) == edited.study_name
+
+
 def test_a_choice_outside_the_train_schema_is_refused_before_training(tmp_path: Path) -> None:
     params = tiny_params(space={"batch_size": {"choices": [64, 0]}})
     with pytest.raises(ParamsError, match=r"tune\.space\.batch_size: value 0"):

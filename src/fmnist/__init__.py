@@ -12,6 +12,6 @@ from fmnist.errors import FmnistError
 
 def load_model(path: str, **kwargs: Any):  # noqa: ANN201 - torch is imported lazily
     """Rebuild the model, in eval mode, from a .pth or an .h5 file written by this project."""
-    from fmnist.modelfile import load_model as _load_model
+    from fmnist.loading import load_model as _load_model
 
     return _load_model(path, **kwargs)

@@ -3,7 +3,8 @@
 A checkpoint holds everything the next epoch depends on (weights, optimizer with SAM's base
 state, scheduler, every RNG state, history), so a run killed after epoch k and resumed ends
 with the same weights as an uninterrupted one. Its fingerprint is a hash of what shapes the
-training (seed, model, train, ipex, the data itself); a checkpoint from other params is ignored.
+training (seed, model, train, ipex, the dtype `auto` resolved to, the data itself, and the code
+that trains); a checkpoint from other params, data or code is ignored.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def array_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params: dict[str, Any], data_digest: str) -> str:
-    """Hash of the params that affect training plus the data's digest."""
+def fingerprint(params: dict[str, Any], data_digest: str, *, code: str, dtype: str) -> str:
+    """Hash of the params that affect training, the data's and the code's digests, and the
+    compute dtype actually used (`ipex.dtype: auto` differs from CPU to CPU)."""
     relevant = {key: params[key] for key in ("seed", "model", "train", "ipex")}
-    relevant["data"] = data_digest
+    relevant.update(data=data_digest, code=code, dtype=dtype)
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -70,7 +72,7 @@ def load_checkpoint(path: str | Path, fingerprint: str) -> dict[str, Any] | None
         _say(f"checkpoint {path} is not a train checkpoint of this version, starting fresh")
         return None
     if payload.get("fingerprint") != fingerprint:
-        _say("checkpoint from different params, starting fresh")
+        _say("checkpoint from other params, data or code, starting fresh")
         return None
     return payload
 

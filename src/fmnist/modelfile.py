@@ -118,18 +118,6 @@ def check_state_dict(model: nn.Module, state: dict[str, Any], source: str | Path
         )
 
 
-def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The model in eval mode, from a .pth file (here) or an .h5 file (fmnist.h5weights)."""
-    path = Path(path)
-    if path.suffix.lower() in H5_SUFFIXES:
-        from fmnist.h5weights import load_h5_model  # h5py only when needed
-
-        model = load_h5_model(path)
-    else:
-        model = model_from_payload(read_model_file(path), path)
-    return model.to(map_location).eval()
-
-
 def _load_problem(exc: Exception) -> str:
     """One line for why torch.load refused the file."""
     text = str(exc)

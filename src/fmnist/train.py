@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fmnist.accel import Backend, autocast, prepare_training, select_backend, unwrap
+from fmnist.accel import (
+    Backend,
+    autocast,
+    describe,
+    dtype_name,
+    prepare_training,
+    select_backend,
+    unwrap,
+)
 from fmnist.checkpoint import array_digest, fingerprint, load_checkpoint, save_checkpoint
 from fmnist.data import BatchIterator, Prepared, Split, augment_batch
 from fmnist.distributed import DistContext, rank_seed, single_process
@@ -32,6 +40,7 @@ from fmnist.modelfile import plain_state_dict
 from fmnist.preprocess import stratified_indices
 from fmnist.reproducibility import configure_torch, rng_states, seed_everything, set_rng_states
 from fmnist.sam import SAM, disable_running_stats, same_rng
+from fmnist.sources import code_digest
 
 EVAL_BATCH_SIZE = 1000
 # The augmentation generator's seed is the run's seed plus this, so it never shares a stream
@@ -304,6 +313,8 @@ def fit(
     if dist.enabled:
         backend = replace(backend, device=dist.device)
     configure_torch(train["threads"], backend.device)
+    if progress:
+        print(f"train: {describe(backend, params['ipex']['dtype'])}", file=sys.stderr, flush=True)
     seed_everything(seed)
 
     train_split = subset_split(data.train, train_subset, seed)
@@ -336,6 +347,8 @@ def fit(
         run_id = fingerprint(
             {**params, "train": {**train, **shape}},
             array_digest(train_split.images, train_split.labels, data.val.images, data.val.labels),
+            code=code_digest("fmnist.train"),
+            dtype=dtype_name(backend.dtype),
         )
         # Rank 0 reads the checkpoint (and reports on it); every rank resumes from its copy.
         state = dist.broadcast_object(

@@ -26,9 +26,11 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from fmnist.accel import dtype_name, select_backend
 from fmnist.constants import TUNE_STUDY_DIR
 from fmnist.errors import FmnistError, ParamsError
 from fmnist.params import schema, validate
+from fmnist.sources import code_digest
 from fmnist.train import fit
 
 if TYPE_CHECKING:
@@ -154,9 +156,16 @@ def study_name(params: dict[str, Any], data: Prepared) -> str:
     identity = {
         "format": STUDY_FORMAT, "seed": params["seed"], "model": params["model"],
         "ipex": params["ipex"], "train": fixed, "tune": tune, "data": data_fingerprint(data),
+        # the code a trial runs, and the dtype `ipex.dtype: auto` resolves to on this machine
+        "code": code_digest("fmnist.tune"), "dtype": trial_dtype(params),
     }
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return "fmnist-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def trial_dtype(params: dict[str, Any]) -> str:
+    """The compute dtype a trial runs in here (train.device on this machine, ipex.dtype)."""
+    return dtype_name(select_backend(params["ipex"], params["train"]["device"]).dtype)
 
 
 def storage_url(storage: str | None, study_dir: str | Path = TUNE_STUDY_DIR) -> str:
