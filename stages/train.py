@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmnist.accel import backend_metrics
+from fmnist.accel import backend_metrics, machine_description
 from fmnist.atomic import write_json
 from fmnist.checkpoint import remove_checkpoint
 from fmnist.constants import MODEL_FILE, PREPARED_FILE, TRAIN_CHECKPOINT, TRAIN_REPORT_DIR
@@ -43,13 +43,16 @@ def main(params: dict[str, Any]) -> None:
     live.summary["backend"] = backend
     live.end()
     seconds = time.perf_counter() - start
-    write_json(TIMING_FILE, {**result.timing, "stage_seconds": seconds})
+    write_json(
+        TIMING_FILE,
+        {**result.timing, "stage_seconds": seconds, **machine_description(result.backend)},
+    )
     remove_checkpoint(TRAIN_CHECKPOINT)
     m = result.metrics
     ranks = f" on {dist.world_size} ranks" if dist.enabled else ""
     print(
         f"train: {m['epochs']} epochs with the {backend['backend']} backend in {backend['dtype']}"
-        f"{ranks}: val accuracy {m['val_acc']:.4f}, "
+        f" on CPU class {backend['cpu_class']}{ranks}: val accuracy {m['val_acc']:.4f}, "
         f"{result.timing['images_per_s_mean']:,.0f} images/s, {seconds:.0f} s -> {MODEL_FILE}"
     )
 

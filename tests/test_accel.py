@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.abc
+import json
+import os
+import platform
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -97,7 +101,61 @@ def test_backend_metrics_has_numbers_for_dvc_and_strings_for_people() -> None:
     assert metrics["device_cuda"] == 0
     assert metrics["backend"] == "native" and metrics["dtype"] == "bfloat16"
     assert metrics["device"] == "cpu" and metrics["ipex_version"] == "none"
+    assert metrics["cpu_class"] == accel.cpu_class()
+    assert metrics["cpu_bf16_native"] == int(accel.cpu_bf16_native())
     assert metrics["torch_version"] == torch.__version__
+
+
+def test_auto_dtype_is_bf16_exactly_where_this_cpu_computes_it_natively() -> None:
+    backend = select_backend({"enabled": False, "dtype": "auto"})
+    assert backend.bf16 == accel.cpu_bf16_native()
+    flags = accel._cpu_flags()
+    native_flags = {"avx512_bf16", "amx_bf16", "avx_ne_convert"}
+    if platform.machine() == "x86_64" and flags:
+        assert accel.cpu_bf16_native() == bool(native_flags & flags)
+    if not accel.cpu_bf16_native():
+        assert accel.cpu_class() == torch.backends.cpu.get_cpu_capability()
+    elif "amx_bf16" in flags:
+        assert accel.cpu_class() == "AMX"
+    elif "avx512_bf16" in flags:
+        assert accel.cpu_class() == "AVX512_BF16"
+
+
+AVX2_PROBE = """
+import json, sys
+from fmnist import accel
+from fmnist.errors import FmnistError
+cpu = accel.resolve_device("cpu")
+out = {"class": accel.cpu_class(), "native": accel.cpu_bf16_native(),
+       "auto": str(accel.resolve_dtype("auto", cpu)),
+       "explicit": str(accel.resolve_dtype("bfloat16", cpu))}
+try:
+    accel.resolve_dtype("bfloat16", cpu, ipex=True)
+except FmnistError as exc:
+    out["ipex_error"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_an_avx2_only_cpu_gets_float32_and_a_warning_for_explicit_bf16() -> None:
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN (and so this machine) an AVX2-only CPU.
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = subprocess.run([sys.executable, "-c", AVX2_PROBE], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    out = json.loads(proc.stdout)
+    assert out["class"] == "AVX2" and out["native"] is False
+    assert out["auto"] == "torch.float32" and out["explicit"] == "torch.bfloat16"
+    warning = proc.stderr.strip().splitlines()
+    assert len(warning) == 1 and "emulated" in warning[0] and "AVX2" in warning[0]
+    assert "\n" not in out["ipex_error"] and "ipex.dtype" in out["ipex_error"]
+
+
+def test_float32_and_native_bf16_say_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    cpu = torch.device("cpu")
+    assert accel.resolve_dtype("float32", cpu) == torch.float32
+    if accel.cpu_bf16_native():
+        assert accel.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert capsys.readouterr().err == ""
 
 
 def test_autocast_is_bf16_only_for_bfloat16() -> None:
@@ -133,6 +191,7 @@ def test_ipex_is_never_given_an_optimizer_wrapper() -> None:
 
 @pytest.mark.ipex
 @pytest.mark.skipif(not IPEX_WORKS, reason="needs a working intel_extension_for_pytorch")
+@pytest.mark.skipif(not accel.cpu_bf16_native(), reason="IPEX bf16 needs native bf16")
 def test_ipex_backend_prepares_plain_sgd_and_keeps_fp32_weights() -> None:
     from fmnist.sam import SAM
 

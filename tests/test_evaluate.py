@@ -29,7 +29,9 @@ from fmnist.evaluate import (
     top_confusions,
     write_records,
 )
+from fmnist.data import load_prepared
 from fmnist.inference import predict_logits
+from fmnist.loading import load_model
 from fmnist.metrics import roc_curves, softmax
 from fmnist.model import build_model
 from fmnist.modelfile import save_model
@@ -175,6 +177,29 @@ def test_plot_rows_have_the_declared_fields_and_no_thresholds() -> None:
 
 
 # --- the whole stage -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_metrics_are_those_of_the_float32_model_that_export_ships(
+    tmp_path: Path, stage_inputs: tuple[Path, Path], dtype: str
+) -> None:
+    model_path, data_path = stage_inputs
+    params = _params()
+    params["ipex"] = {"enabled": False, "dtype": dtype}
+    out = tmp_path / "reports/evaluate"
+    saved = run(params, model_path=model_path, data_path=data_path, out_dir=out).metrics
+
+    test = load_prepared(data_path).test
+    fp32 = predict_logits(load_model(model_path), test.images, batch_size=1000).argmax(1)
+    assert saved["accuracy"] == round(float(np.mean(fp32 == test.labels)), 6)
+    assert saved["backend"]["dtype_bf16"] == 0
+    if dtype == "float32":
+        assert "bfloat16_inference" not in saved
+        return
+    bf16 = saved["bfloat16_inference"]
+    assert 0 <= bf16["predictions_differ"] <= saved["n_samples"]
+    assert isinstance(bf16["predictions_differ"], int)
+    assert "bfloat16 autocast" in (out / "report.md").read_text()
 
 
 def test_run_writes_every_output_with_all_metric_keys(

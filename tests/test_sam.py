@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist.sam import SAM, disable_running_stats, same_rng
+from fmnist.sam import SAM, disable_running_stats, rng_streams, same_rng
 
 torch.set_num_threads(1)
 
@@ -214,6 +214,30 @@ def test_same_rng_replays_the_dropout_mask_and_continues_like_one_pass() -> None
     after_plain = torch.rand(4)
     assert torch.equal(first, second) and not torch.equal(first, third)
     assert torch.equal(third, plain_third) and torch.equal(after_sam, after_plain)
+
+
+def _accelerator(kind: str):
+    present = getattr(torch, kind, None) is not None and getattr(torch, kind).is_available()
+    return pytest.param(kind, marks=pytest.mark.skipif(not present, reason=f"no {kind} device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", _accelerator("cuda"), _accelerator("xpu")])
+def test_same_rng_replays_dropout_on_the_device_it_runs_on(device: str) -> None:
+    # Dropout on an accelerator draws from that device's generator, not the CPU's.
+    drop = nn.Dropout(0.5)
+    x = torch.ones(1000, device=device)
+    torch.manual_seed(0)
+    with same_rng(torch.device(device)) as replay:
+        first = drop(x)
+        with replay():
+            second = drop(x)
+        third = drop(x)
+    assert torch.equal(first, second) and not torch.equal(first, third)
+
+
+def test_only_the_cpu_generator_is_replayed_on_the_cpu() -> None:
+    assert rng_streams(torch.device("cpu")) == rng_streams(None)
+    assert len(rng_streams("cpu")) == 1
 
 
 def test_rho_zero_with_dropout_and_same_rng_matches_sgd() -> None:

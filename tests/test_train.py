@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from fmnist.accel import cpu_class
 from fmnist.checkpoint import load_checkpoint
 from fmnist.constants import CLASS_NAMES
 from fmnist.data import Prepared, Split
@@ -215,6 +216,17 @@ def _stop_after_first(epoch: int) -> None:
         raise _Stop
 
 
+def test_fit_says_which_backend_dtype_and_cpu_class_it_chose(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = tiny_params(epochs=1)
+    params["ipex"]["dtype"] = "auto"
+    result = fit(DATA, params, progress=True)
+    expected = "bfloat16" if result.backend.bf16 else "float32"
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("train: native"))
+    assert f"in {expected} (ipex.dtype auto" in line and f"CPU {cpu_class()}" in line
+
+
 def test_checkpoint_holds_optimizer_scheduler_and_rng_states(tmp_path: Path) -> None:
     path = tmp_path / "train.ckpt"
     params = tiny_params(epochs=1)
@@ -336,13 +348,14 @@ def _write_prepared(root: Path) -> None:
 
 
 def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _write_prepared(tmp_path)
     monkeypatch.chdir(tmp_path)
     stage = _load_stage()
     params = tiny_params(epochs=2)
     stage.main(params)
+    assert f"on CPU class {cpu_class()}" in capsys.readouterr().out
 
     payload = read_model_file("models/model.pth")
     assert payload["model_config"]["channels"] == [4, 8]
@@ -352,6 +365,9 @@ def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
     assert metrics["backend"]["backend_ipex"] == 0 and metrics["backend"]["dtype"] == "float32"
     timing = json.loads(Path("reports/train/timing.json").read_text())
     assert len(timing["epoch_seconds"]) == 2 and timing["images_per_s_mean"] > 0
+    # a timing names the machine it came from
+    assert timing["cpu_class"] == cpu_class() and timing["dtype"] == "float32"
+    assert timing["threads"] == 1 and isinstance(timing["cpu_bf16_native"], bool)
     plots = Path("reports/train/plots/metrics")
     for name in ("train/loss.tsv", "train/acc.tsv", "val/loss.tsv", "val/acc.tsv", "lr.tsv",
                  "timing/images_per_s.tsv"):

@@ -16,7 +16,14 @@ import numpy as np
 from torch import nn
 
 from fmnist import figures, metrics, report
-from fmnist.accel import Backend, backend_metrics, prepare_inference, select_backend
+from fmnist.accel import (
+    FLOAT32_CPU,
+    Backend,
+    backend_metrics,
+    dtype_name,
+    prepare_inference,
+    select_backend,
+)
 from fmnist.atomic import write_json, write_text
 from fmnist.constants import EVALUATE_DIR, MODEL_FILE, PREPARED_FILE
 from fmnist.data import Split, load_prepared
@@ -57,8 +64,13 @@ def evaluate_model(
     batch_size: int,
     calibration_bins: int,
     backend: Backend | None = None,
+    reduced: tuple[Backend, np.ndarray] | None = None,
 ) -> Evaluation:
-    """Predict the split in batches and compute every metric; the backend is recorded too."""
+    """Predict the split in batches and compute every metric; the backend is recorded too.
+
+    `reduced`: (backend, logits) of the same model in a reduced precision (bf16 autocast, as in
+    training), reported beside the main metrics as its accuracy and how many predictions differ.
+    """
     logits = predict_logits(model, test.images, batch_size=batch_size, backend=backend)
     probs = metrics.softmax(logits)
     values = metrics.classification_metrics(
@@ -66,6 +78,13 @@ def evaluate_model(
     )
     if backend is not None:
         values["backend"] = backend_metrics(backend)
+    if reduced is not None:
+        other, other_logits = reduced
+        predicted = other_logits.argmax(axis=1)
+        values[f"{dtype_name(other.dtype)}_inference"] = {
+            "accuracy": float(np.mean(predicted == np.asarray(test.labels))),
+            "predictions_differ": int(np.sum(predicted != probs.argmax(axis=1))),
+        }
     return Evaluation(
         metrics=metrics.rounded(values),
         images=test.images,
@@ -85,10 +104,11 @@ def run(
 ) -> Evaluation:
     """The evaluate stage: load model and test split, evaluate, write all outputs under out_dir.
 
-    Reads params `ipex` (the backend and dtype training used) and `evaluate`.
+    The metrics are those of the float32 model that export ships. Reads params `evaluate`, and
+    `ipex`: when training ran in bf16, the same model under bf16 autocast is scored beside it.
     """
     settings = params["evaluate"]
-    backend = select_backend(params["ipex"])
+    training = select_backend(params["ipex"])
     data = load_prepared(data_path)
     payload = read_model_file(model_path)  # torch.load(weights_only=True), validated
     if tuple(payload["class_names"]) != tuple(data.class_names):
@@ -96,14 +116,22 @@ def run(
             f"model file {model_path}: class names {payload['class_names']} differ from "
             f"{data_path}'s {list(data.class_names)}"
         )
-    model = prepare_inference(model_from_payload(payload, model_path), backend)
+    model = prepare_inference(model_from_payload(payload, model_path), FLOAT32_CPU)
+    reduced = None
+    if training.bf16:
+        bf16_model = prepare_inference(model_from_payload(payload, model_path), training)
+        bf16_logits = predict_logits(
+            bf16_model, data.test.images, batch_size=settings["batch_size"], backend=training
+        )
+        reduced = (training, bf16_logits)
     evaluation = evaluate_model(
         model,
         data.test,
         data.class_names,
         batch_size=settings["batch_size"],
         calibration_bins=settings["calibration_bins"],
-        backend=backend,
+        backend=FLOAT32_CPU,
+        reduced=reduced,
     )
     write_outputs(
         evaluation,
@@ -212,7 +240,7 @@ def top_confusions(
 
 
 def _backend_label(backend: Backend | None) -> str:
-    if backend is None:
-        return "plain PyTorch in float32"
+    if backend is None or backend == FLOAT32_CPU:
+        return "plain PyTorch in float32 (the model export ships)"
     dtype = str(backend.dtype).removeprefix("torch.")
     return f"the {backend.name} backend in {dtype} on {backend.device}"

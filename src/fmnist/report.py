@@ -59,6 +59,14 @@ def render(
         if key == "ece":
             label = f"{label} ({calibration_bins} bins)"
         lines.append(f"| {label} | {_fmt(metrics.get(key))} |")
+    reduced = metrics.get("bfloat16_inference")
+    if reduced:
+        lines += [
+            "",
+            f"The same model under bfloat16 autocast, as it was trained: accuracy "
+            f"{_fmt(reduced['accuracy'])}, {reduced['predictions_differ']:,} of "
+            f"{metrics['n_samples']:,} predictions differ from the float32 ones above.",
+        ]
     lines += [
         "",
         "## Per class",

@@ -183,23 +183,46 @@ def disable_running_stats(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def same_rng() -> Iterator[Callable[[], AbstractContextManager[None]]]:
+def same_rng(
+    device: torch.device | str | None = None,
+) -> Iterator[Callable[[], AbstractContextManager[None]]]:
     """Give the second pass the first pass's random numbers (the same dropout mask).
 
-    Usage: `with same_rng() as replay: <first pass>; with replay(): <second pass>`. After the
-    replayed block the generator continues where the first pass left it, so a SAM step draws
-    as many random numbers as a plain step. Covers torch's default CPU generator (what CPU
-    dropout draws from).
+    Usage: `with same_rng(device) as replay: <first pass>; with replay(): <second pass>`. After
+    the replayed block the generators continue where the first pass left them, so a SAM step
+    draws as many random numbers as a plain step. Replays torch's default CPU generator and,
+    for an accelerator `device` (cuda, xpu, ...), that device's generator, which is what
+    dropout draws from there; without it rho=0 would no longer match SGD on a GPU.
     """
-    start = torch.get_rng_state()
+    streams = rng_streams(device)
+    start = [get() for get, _ in streams]
 
     @contextmanager
     def replay() -> Iterator[None]:
-        after_first_pass = torch.get_rng_state()
-        torch.set_rng_state(start)
+        after_first_pass = [get() for get, _ in streams]
+        for (_, set_state), state in zip(streams, start, strict=True):
+            set_state(state)
         try:
             yield
         finally:
-            torch.set_rng_state(after_first_pass)
+            for (_, set_state), state in zip(streams, after_first_pass, strict=True):
+                set_state(state)
 
     yield replay
+
+
+RngStream = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]
+
+
+def rng_streams(device: torch.device | str | None = None) -> list[RngStream]:
+    """(get_state, set_state) of the CPU generator, plus the accelerator's for such a device."""
+    streams: list[RngStream] = [(torch.get_rng_state, torch.set_rng_state)]
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type not in ("cpu", "meta"):
+        module = torch.get_device_module(device.type)
+        index = device.index if device.index is not None else module.current_device()
+        streams.append((
+            lambda: module.get_rng_state(index),
+            lambda state: module.set_rng_state(state, index),
+        ))
+    return streams

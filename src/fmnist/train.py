@@ -166,7 +166,7 @@ def sam_step(
     `no_sync`, so each rank ascends along its own shard's gradient (m-sharpness).
     Returns the first pass's loss and logits.
     """
-    with same_rng() as replay:
+    with same_rng(backend.device) as replay:
         with first_pass():
             with autocast(backend):
                 logits = model(x)
