@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmnist.accel import Backend, ipex_status, select_backend
+from fmnist.accel import Backend, cpu_bf16_native, cpu_class, ipex_status, select_backend
 from fmnist.constants import NORM_MEAN, NORM_STD, PREPARED_FILE
 from fmnist.errors import FmnistError
 from fmnist.model import build_model
@@ -69,6 +69,7 @@ ROWS = {
     )
 }
 ACCURACY_ROWS = ("native_fp32", "native_bf16", "ipex_bf16")
+EMULATED_NOTE = "bf16 is emulated on this CPU ({}): skipped (--emulated-bf16 runs it anyway)"
 
 
 @dataclass
@@ -365,8 +366,14 @@ def measure(names: list[str], args: Any) -> dict[str, Any]:
     ipex_here = ipex_status()[0] is not None
     delegated = [n for n in names if ROWS[n].ipex and not ipex_here]
     results: dict[str, Any] = {"rows": {}, "accuracy": {}, "data": data_note}
+    skipped = set()
+    if not (cpu_bf16_native() or args.emulated_bf16):
+        skipped = {n for n in names if ROWS[n].dtype == "bfloat16"}
+    for name in sorted(skipped, key=names.index):
+        results["rows"][name] = asdict(Result(note=EMULATED_NOTE.format(cpu_class())))
+    delegated = [n for n in delegated if n not in skipped]
     for name in names:
-        if name in delegated:
+        if name in delegated or name in skipped:
             continue
         row = ROWS[name]
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -377,7 +384,7 @@ def measure(names: list[str], args: Any) -> dict[str, Any]:
         results["rows"][name] = asdict(result)
     if args.accuracy and data is not None:
         for name in names:
-            if name in ACCURACY_ROWS and name not in delegated:
+            if name in ACCURACY_ROWS and name not in delegated and name not in skipped:
                 print(f"bench: accuracy {name} ...", file=sys.stderr, flush=True)
                 results["accuracy"][name] = run_accuracy(ROWS[name], data, params, args)
     if delegated:
@@ -417,7 +424,9 @@ def delegate(names: list[str], args: Any) -> dict[str, Any]:
             "--no-roofline",
             "--json-out",
             str(out),
-        ] + ([] if args.accuracy else ["--no-accuracy"])
+        ] + ([] if args.accuracy else ["--no-accuracy"]) + (
+            ["--emulated-bf16"] if args.emulated_bf16 else []
+        )
         print(f"bench: {', '.join(names)} in {python} ...", file=sys.stderr, flush=True)
         run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
         if run.returncode != 0 or not out.exists():
@@ -445,7 +454,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"cpu": model_name, "cores": os.cpu_count(), "isa": isa}
+    return {"cpu": model_name, "cores": os.cpu_count(), "isa": isa, "cpu_class": cpu_class(),
+            "bf16_native": cpu_bf16_native()}
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -458,7 +468,9 @@ def markdown(results: dict[str, Any], names: list[str], args: Any) -> str:
     base = rows.get("baseline", {}).get("images_per_s")
     m = results["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), "
+        f"Machine: {m['cpu']}, CPU class {m['cpu_class']} (bf16 "
+        f"{'native' if m['bf16_native'] else 'emulated'}), {m['cores']} cores "
+        f"({', '.join(m['isa']) or 'no AVX-512'}), "
         f"{results['threads']} threads; torch {results['torch']}"
         + (
             f", IPEX rows on torch/IPEX {results['ipex_versions']}"
@@ -475,12 +487,16 @@ def markdown(results: dict[str, Any], names: list[str], args: Any) -> str:
         "",
     ]
     if roof:
+        bf16_roof = roof["roof_bf16"] is not None
         lines += [
             f"Roofline: {roof['gflops_fp32']:,.0f} GFLOP/s fp32, "
-            f"{roof['gflops_bf16']:,.0f} GFLOP/s bf16 (2048x2048 matmul); "
+            + (f"{roof['gflops_bf16']:,.0f} GFLOP/s bf16" if bf16_roof
+               else "bf16 not measured (emulated here)")
+            + " (2048x2048 matmul); "
             f"model {roof['forward_mflops']:.1f} MFLOP forward per image, "
             f"a SAM step ~6x that = {roof['sam_mflops']:.0f} MFLOP per image -> at most "
-            f"{roof['roof_fp32']:,.0f} images/s fp32, {roof['roof_bf16']:,.0f} images/s bf16.",
+            f"{roof['roof_fp32']:,.0f} images/s fp32"
+            + (f", {roof['roof_bf16']:,.0f} images/s bf16." if bf16_roof else "."),
             "",
         ]
     lines += [
@@ -495,8 +511,10 @@ def markdown(results: dict[str, Any], names: list[str], args: Any) -> str:
         own = bf16 = "n/a"
         if ips and roof:
             key = "roof_bf16" if row.dtype == "bfloat16" else "roof_fp32"
-            own = f"{100 * ips / roof[key]:.1f}"
-            bf16 = f"{100 * ips / roof['roof_bf16']:.1f}"
+            if roof[key]:
+                own = f"{100 * ips / roof[key]:.1f}"
+            if roof["roof_bf16"]:
+                bf16 = f"{100 * ips / roof['roof_bf16']:.1f}"
         lines.append(
             f"| {name}: {row.label} | {fmt(ips)} | {ratio} | {own} | {bf16} "
             f"| {fmt(r.get('end_to_end_images_per_s'))} | {fmt(r.get('first_step_s'), '.2f')} "
@@ -550,14 +568,16 @@ def targets(rows: dict[str, Any], base: float | None) -> list[str]:
 def roofline(params: dict) -> dict[str, float]:
     forward = forward_flops_per_image(build_model(params["model"]))
     sam = 6 * forward  # training ~3x forward (forward + two backward matmuls), SAM two passes
-    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    fp32 = matmul_gflops(torch.float32)
+    # Emulated bf16 matmuls take minutes on an AVX2-only CPU and bound nothing we run there.
+    bf16 = matmul_gflops(torch.bfloat16) if cpu_bf16_native() else None
     return {
         "gflops_fp32": fp32,
         "gflops_bf16": bf16,
         "forward_mflops": forward / 1e6,
         "sam_mflops": sam / 1e6,
         "roof_fp32": fp32 * 1e9 / sam,
-        "roof_bf16": bf16 * 1e9 / sam,
+        "roof_bf16": bf16 * 1e9 / sam if bf16 else None,
     }
 
 
@@ -593,6 +613,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="interpreter of the IPEX venv, for IPEX rows when IPEX is not here",
     )
     parser.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--emulated-bf16",
+        action="store_true",
+        help="run bf16 rows even where bf16 is emulated (many times slower than fp32)",
+    )
     parser.add_argument("--markdown-out", help="also write the Markdown report to this file")
     parser.add_argument("--json-out", help="write the raw results as JSON to this file")
     args = parser.parse_args(argv)

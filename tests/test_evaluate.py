@@ -18,6 +18,7 @@ from PIL import Image
 
 from fmnist.accel import prepare_inference, select_backend
 from fmnist.constants import CLASS_NAMES
+from fmnist.data import load_prepared
 from fmnist.errors import FmnistError
 from fmnist.evaluate import (
     CONFUSION_PLOT,
@@ -29,7 +30,6 @@ from fmnist.evaluate import (
     top_confusions,
     write_records,
 )
-from fmnist.data import load_prepared
 from fmnist.inference import predict_logits
 from fmnist.loading import load_model
 from fmnist.metrics import roc_curves, softmax

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fmnist.errors import FmnistError
-from fmnist.model import Normalize, build_model
 from fmnist.loading import load_model
+from fmnist.model import Normalize, build_model
 from fmnist.modelfile import read_model_file, save_model
 
 CONFIG = {

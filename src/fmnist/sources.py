@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 PACKAGE = "fmnist"
@@ -47,7 +47,9 @@ def _imports(nodes: list[ast.AST]) -> tuple[set[str], set[str]]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             candidates = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             if node.module == PACKAGE:
-                names.update(a.name for a in node.names if module_file(f"{PACKAGE}.{a.name}") is None)
+                names.update(
+                    a.name for a in node.names if module_file(f"{PACKAGE}.{a.name}") is None
+                )
         else:
             continue
         for name in candidates:
@@ -61,7 +63,7 @@ def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def source_closure(entry: Path) -> tuple[Path, ...]:
     """`entry` and every package file it imports, directly or not, sorted.
 
