@@ -93,7 +93,11 @@ def test_other_seed_gives_other_weights() -> None:
                              fit(DATA, params, progress=False).model)
 
 
-def test_resume_from_epoch_one_checkpoint_ends_with_same_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("late", [{}, {"sam_start": 0.5, "ema_decay": 0.9}],
+                         ids=["sam-every-2", "late-sam-and-ema"])
+def test_resume_from_epoch_one_checkpoint_ends_with_same_weights(
+    tmp_path: Path, late: dict[str, float]
+) -> None:
     path, kept = tmp_path / "train.ckpt", tmp_path / "after_epoch_1.ckpt"
 
     def keep_first(epoch: int, stats: dict[str, float]) -> None:
@@ -101,7 +105,8 @@ def test_resume_from_epoch_one_checkpoint_ends_with_same_weights(tmp_path: Path)
             shutil.copy(path, kept)
 
     params = tiny_params(epochs=3, optimizer="sam", sam_every=2, augment={"flip": True,
-                                                                          "crop_padding": 2})
+                                                                          "crop_padding": 2},
+                         **late)
     full = fit(DATA, params, checkpoint_path=path, on_epoch_end=keep_first, progress=False)
     shutil.copy(kept, path)  # as if the run had been killed during epoch 2
     epochs_run: list[int] = []
@@ -237,6 +242,52 @@ def test_checkpoint_holds_optimizer_scheduler_and_rng_states(tmp_path: Path) -> 
     assert {"python", "numpy", "torch", "generators"} <= set(raw["rng"])
     assert "augment" in raw["rng"]["generators"]
     assert load_checkpoint(path, raw["fingerprint"]) is not None
+
+
+def test_sam_starting_after_the_last_step_is_plain_sgd() -> None:
+    sgd = fit(DATA, tiny_params(optimizer="sgd", epochs=2), progress=False)
+    never = fit(DATA, tiny_params(optimizer="sam", sam_start=1.0, epochs=2), progress=False)
+    assert _same_weights(sgd.model, never.model)
+
+
+def test_late_sam_is_sgd_first_then_sam() -> None:
+    sgd = fit(DATA, tiny_params(optimizer="sgd", epochs=2), progress=False)
+    full = fit(DATA, tiny_params(optimizer="sam", epochs=2), progress=False)
+    late = fit(DATA, tiny_params(optimizer="sam", sam_start=0.5, epochs=2), progress=False)
+    # epoch 1 of 2 is all SGD: its validation numbers are SGD's exactly
+    assert late.history[0]["val_acc"] == sgd.history[0]["val_acc"]
+    assert late.history[0]["val_loss"] == sgd.history[0]["val_loss"]
+    assert not _same_weights(late.model, sgd.model)
+    assert not _same_weights(late.model, full.model)
+
+
+def test_is_sam_step_counts_from_sam_start() -> None:
+    from fmnist.sam import SAM
+    from fmnist.train import is_sam_step
+
+    sam = SAM([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    steps = [s for s in range(12) if is_sam_step(sam, s, sam_from=5, sam_every=3)]
+    assert steps == [5, 8, 11]
+    assert not is_sam_step(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 5, 0, 1)
+
+
+def test_ema_model_is_the_saved_one_and_the_average_of_the_weights() -> None:
+    from fmnist.ema import WeightAverage
+
+    plain = fit(DATA, tiny_params(epochs=2), progress=False)
+    averaged = fit(DATA, tiny_params(epochs=2, ema_decay=0.9), progress=False)
+    assert not _same_weights(plain.model, averaged.model)
+    # the validation numbers are the averaged model's, and it still learns
+    assert averaged.history[-1]["val_acc"] >= 0.9
+
+    source = torch.nn.Linear(2, 1, bias=False)
+    ema = WeightAverage(source, decay=0.5)
+    start = source.weight.detach().clone()
+    with torch.no_grad():
+        source.weight.add_(1.0)
+    ema.update()  # step 1: decay min(0.5, 2/11) = 2/11
+    expected = start * (2 / 11) + (start + 1.0) * (9 / 11)
+    torch.testing.assert_close(ema.model.weight, expected)
 
 
 def test_sgd_and_sam_both_learn_and_differ() -> None:

@@ -34,6 +34,7 @@ from fmnist.accel import (
 from fmnist.checkpoint import array_digest, fingerprint, load_checkpoint, save_checkpoint
 from fmnist.data import BatchIterator, Prepared, Split, augment_batch
 from fmnist.distributed import DistContext, rank_seed, single_process
+from fmnist.ema import WeightAverage
 from fmnist.inference import predict_logits
 from fmnist.model import build_model
 from fmnist.modelfile import plain_state_dict
@@ -209,15 +210,18 @@ def train_one_epoch(
     generator: torch.Generator,
     sam_every: int,
     first_step: int,
+    sam_from: int = 0,
+    ema: WeightAverage | None = None,
     first_pass: PassContext = nullcontext,
     dist: DistContext | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> EpochStats:
-    """One pass over the loader; `scheduler` (if any) steps after every batch.
+    """One pass over the loader; `scheduler` (if any) steps after every batch, `ema` (if any)
+    averages the weights after every step.
 
-    Step number `first_step + i` decides SAM or plain: a SAM step every `sam_every` steps.
-    Loss, accuracy and images are summed over the ranks of `dist`.
+    Step number `first_step + i` decides SAM or plain: plain before step `sam_from`, then a SAM
+    step every `sam_every` steps. Loss, accuracy and images are summed over the ranks of `dist`.
     """
     dist = dist or single_process()
     model.train()
@@ -235,10 +239,12 @@ def train_one_epoch(
         x = x.to(backend.device).contiguous(memory_format=torch.channels_last)
         y = y.to(backend.device)
         lr = optimizer.param_groups[0]["lr"]
-        if isinstance(optimizer, SAM) and (first_step + i) % sam_every == 0:
+        if is_sam_step(optimizer, first_step + i, sam_from, sam_every):
             loss, logits = sam_step(model, optimizer, x, y, loss_fn, backend, first_pass)
         else:
             loss, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, backend)
+        if ema is not None:
+            ema.update()
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.double().cpu() * len(y)
@@ -262,6 +268,11 @@ def train_one_epoch(
         images=seen,
         seconds=seconds,
     )
+
+
+def is_sam_step(optimizer: torch.optim.Optimizer, step: int, sam_from: int, sam_every: int) -> bool:
+    """SAM from step `sam_from` on (late-phase SAM), every `sam_every`-th step; plain before."""
+    return isinstance(optimizer, SAM) and step >= sam_from and (step - sam_from) % sam_every == 0
 
 
 def evaluate_split(
@@ -331,6 +342,8 @@ def fit(
         rank=dist.rank, world_size=dist.world_size,
     )
     steps_per_epoch = len(loader)
+    sam_from = round(train["sam_start"] * train["epochs"] * steps_per_epoch)
+    ema = WeightAverage(unwrap(model), train["ema_decay"]) if train["ema_decay"] > 0 else None
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)
     per_batch = train["schedule"]["name"] in PER_BATCH_SCHEDULES
     per_batch_scheduler = scheduler if per_batch else None
@@ -355,7 +368,8 @@ def fit(
             load_checkpoint(checkpoint_path, run_id) if dist.is_main else None
         )
         if state is not None:
-            history = restore(state, model, optimizer, scheduler, generators, rank=dist.rank)
+            history = restore(state, model, optimizer, scheduler, generators, rank=dist.rank,
+                              ema=ema)
             if dist.is_main:
                 print(f"train: resuming after epoch {len(history)} from {checkpoint_path}",
                       file=sys.stderr, flush=True)
@@ -378,6 +392,8 @@ def fit(
             generator=generator,
             sam_every=train["sam_every"],
             first_step=epoch * steps_per_epoch,
+            sam_from=sam_from,
+            ema=ema,
             first_pass=first_pass,
             dist=dist,
             desc=f"epoch {epoch + 1}/{train['epochs']}",
@@ -386,7 +402,9 @@ def fit(
         if per_epoch_scheduler is not None:
             per_epoch_scheduler.step()
         dist.broadcast_buffers(model)  # the ranks' BN statistics differ after their last batch
-        val_loss, val_acc = evaluate_split(model, data.val, backend)
+        if ema is not None:
+            dist.broadcast_buffers(ema.model)
+        val_loss, val_acc = evaluate_split(ema.model if ema else model, data.val, backend)
         entry = {
             "epoch": epoch + 1,
             "train_loss": stats.loss,
@@ -406,7 +424,7 @@ def fit(
         if checkpoint_path is not None:
             rank_rngs = dist.all_gather_object(rng_states(generators))
             if dist.is_main:
-                state = snapshot(model, optimizer, scheduler, generators, history)
+                state = snapshot(model, optimizer, scheduler, generators, history, ema=ema)
                 state["rank_rng"] = rank_rngs[1:]
                 save_checkpoint(checkpoint_path, run_id, state)
         if live is not None:
@@ -416,7 +434,7 @@ def fit(
     wall_seconds = time.perf_counter() - wall_start
 
     final = build_model(params["model"])
-    final.load_state_dict(plain_state_dict(unwrap(model)))
+    final.load_state_dict(plain_state_dict(ema.model if ema else unwrap(model)))
     final.eval()
     return FitResult(
         model=final,
@@ -433,6 +451,8 @@ def snapshot(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     generators: dict[str, torch.Generator],
     history: list[dict[str, float]],
+    *,
+    ema: WeightAverage | None = None,
 ) -> dict[str, Any]:
     """Everything the next epoch depends on (SAM's state_dict is its base optimizer's).
 
@@ -445,6 +465,7 @@ def snapshot(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_states(generators),
         "history": history,
+        "ema": ema.state_dict() if ema is not None else None,
     }
 
 
@@ -456,6 +477,7 @@ def restore(
     generators: dict[str, torch.Generator],
     *,
     rank: int = 0,
+    ema: WeightAverage | None = None,
 ) -> list[dict[str, float]]:
     """Load a snapshot() into freshly built objects; returns the finished epochs' history.
 
@@ -466,6 +488,8 @@ def restore(
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"] if rank == 0 else state["rank_rng"][rank - 1], generators)
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     return [dict(entry) for entry in state["history"]]
 
 
