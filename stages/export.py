@@ -13,6 +13,7 @@ from fmnist.atomic import write_json
 from fmnist.constants import EXPORT_DIR, EXPORT_REPORT_DIR, MODEL_FILE, PREPARED_FILE
 from fmnist.data import load_prepared
 from fmnist.export import require_onnx, run_export
+from fmnist.model import shipped_config
 from fmnist.modelfile import model_from_payload, read_model_file
 from fmnist.stage import run_stage
 
@@ -22,6 +23,9 @@ def main(params: dict[str, Any]) -> None:
     if p["onnx"]:
         require_onnx()  # fail before any work
     payload = read_model_file(MODEL_FILE)
+    payload["model_config"] = shipped_config(
+        payload["model_config"], params["evaluate"]["flip_tta"]
+    )
     model = model_from_payload(payload, MODEL_FILE)
     images = load_prepared(PREPARED_FILE).test.images[: p["parity_samples"]]
     result = run_export(

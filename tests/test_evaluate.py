@@ -184,7 +184,7 @@ def test_metrics_are_those_of_the_float32_model_that_export_ships(
     tmp_path: Path, stage_inputs: tuple[Path, Path], dtype: str
 ) -> None:
     model_path, data_path = stage_inputs
-    params = _params()
+    params = _params(flip_tta=False)
     params["ipex"] = {"enabled": False, "dtype": dtype}
     out = tmp_path / "reports/evaluate"
     saved = run(params, model_path=model_path, data_path=data_path, out_dir=out).metrics
@@ -200,6 +200,21 @@ def test_metrics_are_those_of_the_float32_model_that_export_ships(
     assert 0 <= bf16["predictions_differ"] <= saved["n_samples"]
     assert isinstance(bf16["predictions_differ"], int)
     assert "bfloat16 autocast" in (out / "report.md").read_text()
+
+
+def test_flip_tta_scores_the_mean_of_image_and_mirror(
+    tmp_path: Path, stage_inputs: tuple[Path, Path]
+) -> None:
+    model_path, data_path = stage_inputs
+    test = load_prepared(data_path).test
+    plain = load_model(model_path)
+    logits = predict_logits(plain, test.images, batch_size=1000)
+    mirrored = predict_logits(plain, np.ascontiguousarray(test.images[:, :, ::-1]),
+                              batch_size=1000)
+    expected = float(np.mean((logits + mirrored).argmax(1) == test.labels))
+    saved = run(_params(flip_tta=True), model_path=model_path, data_path=data_path,
+                out_dir=tmp_path / "out").metrics
+    assert saved["accuracy"] == round(expected, 6)
 
 
 def test_run_writes_every_output_with_all_metric_keys(

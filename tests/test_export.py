@@ -289,6 +289,17 @@ def test_export_stage_writes_files_and_reports(tmp_path: Path) -> None:
     timing = json.loads((tmp_path / "reports" / "export" / "timing.json").read_text())
     assert metrics["parity_ok"] is True and metrics["parity_samples"] == 30
     assert set(metrics["formats"]) == set(timing["formats"]) == {"pth", "h5", "pt2"}
+    # evaluate.flip_tta (on in params.yaml) travels in every exported file's config
+    images = np.random.default_rng(3).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    trained = _trained_like_model().eval()
+    with torch.no_grad():
+        x = torch.from_numpy(images).float().unsqueeze(1)
+        expected = ((trained(x) + trained(x.flip(-1))) / 2).numpy()
+    for name in ("model.pth", "weights.h5"):
+        shipped = fmnist.load_model(str(tmp_path / "export" / name))
+        assert shipped.flip_tta is True
+        np.testing.assert_allclose(predict_logits(shipped, images, batch_size=5), expected,
+                                   atol=1e-5, rtol=0)
     first = (tmp_path / "reports" / "export" / "metrics.json").read_bytes()
     assert _stage(tmp_path).returncode == 0
     assert (tmp_path / "reports" / "export" / "metrics.json").read_bytes() == first

@@ -9,7 +9,7 @@ import torch
 
 from fmnist.errors import FmnistError
 from fmnist.loading import load_model
-from fmnist.model import Normalize, build_model
+from fmnist.model import Normalize, build_model, model_config, shipped_config
 from fmnist.modelfile import read_model_file, save_model
 
 CONFIG = {
@@ -155,3 +155,25 @@ def test_foreign_torch_file_is_not_ours(tmp_path: Path) -> None:
 def test_missing_model_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FmnistError, match="not found"):
         load_model(tmp_path / "nope.pth")
+
+
+def test_flip_tta_averages_image_and_mirror_in_eval_mode_only() -> None:
+    torch.manual_seed(0)
+    plain = build_model(CONFIG).eval()
+    tta = build_model(shipped_config(CONFIG, flip_tta=True)).eval()
+    tta.load_state_dict(plain.state_dict())
+    x = torch.rand(6, 1, 28, 28) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(tta(x), (plain(x) + plain(x.flip(-1))) / 2)
+        tta.train()
+        plain.train()
+        torch.manual_seed(1)
+        train_out = tta(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(train_out, plain(x))  # training never sees the mirror
+
+
+def test_flip_tta_is_stored_only_when_on() -> None:
+    assert "flip_tta" not in model_config(CONFIG)
+    assert shipped_config(CONFIG, flip_tta=True)["flip_tta"] is True
+    assert shipped_config(shipped_config(CONFIG, True), False) == model_config(CONFIG)

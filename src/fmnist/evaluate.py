@@ -29,6 +29,7 @@ from fmnist.constants import EVALUATE_DIR, MODEL_FILE, PREPARED_FILE
 from fmnist.data import Split, load_prepared
 from fmnist.errors import FmnistError
 from fmnist.inference import predict_logits
+from fmnist.model import shipped_config
 from fmnist.modelfile import model_from_payload, read_model_file
 
 # Inside the output folder; dvc.yaml declares the same paths.
@@ -111,6 +112,7 @@ def run(
     training = select_backend(params["ipex"])
     data = load_prepared(data_path)
     payload = read_model_file(model_path)  # torch.load(weights_only=True), validated
+    payload["model_config"] = shipped_config(payload["model_config"], settings["flip_tta"])
     if tuple(payload["class_names"]) != tuple(data.class_names):
         raise FmnistError(
             f"model file {model_path}: class names {payload['class_names']} differ from "

@@ -2,6 +2,8 @@
 
 Normalization lives here and nowhere else: the first layer maps raw 0..255 pixels to [-1, 1],
 so the stage, evaluation, exported files and `fmnist predict` all feed the same raw values.
+Flip test-time augmentation lives here too (config `flip_tta`, eval mode only), so the
+exported files and `fmnist predict` compute exactly what evaluate reports.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from fmnist.constants import IMAGE_SIZE, INPUT_SHAPE, NORM_MEAN, NORM_STD, NUM_C
 from fmnist.errors import FmnistError
 
 CONFIG_KEYS = ("channels", "convs_per_block", "batch_norm", "dropout", "hidden")
+# Absent from older model files, and from params.yaml's model section: evaluate and export set it.
+FLIP_TTA = "flip_tta"
 
 
 class Normalize(nn.Module):
@@ -42,8 +46,10 @@ class CNN(nn.Module):
         batch_norm: bool,
         dropout: float,
         hidden: int,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
+        self.flip_tta = flip_tta
         self.normalize = Normalize()
         layers: list[nn.Module] = []
         in_channels, size = INPUT_SHAPE[0], IMAGE_SIZE
@@ -70,7 +76,17 @@ class CNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits; in eval mode with flip_tta, the mean of the image's and its mirror's."""
+        if self.flip_tta and not self.training:
+            # two passes, not one over a doubled batch: torch.export keeps the batch dynamic
+            return (self._logits(x) + self._logits(x.flip(-1))) / 2
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(self.normalize(x)))
+
+    def extra_repr(self) -> str:
+        return f"flip_tta={self.flip_tta}"
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -87,15 +103,26 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         batch_norm=bool(config["batch_norm"]),
         dropout=float(config["dropout"]),
         hidden=int(config["hidden"]),
+        flip_tta=bool(config.get(FLIP_TTA, False)),
     )
 
 
+def shipped_config(config: dict[str, Any], flip_tta: bool) -> dict[str, Any]:
+    """The config of the model that evaluate scores and export ships: the trained one's, with
+    evaluate.flip_tta applied."""
+    return model_config({**config, FLIP_TTA: flip_tta})
+
+
 def model_config(params_model: dict[str, Any]) -> dict[str, Any]:
-    """The plain-typed copy of params["model"] that model files store."""
-    return {
+    """The plain-typed copy of params["model"] that model files store (`flip_tta` only when
+    on, so files without it keep their bytes and older readers keep reading them)."""
+    config = {
         "channels": [int(c) for c in params_model["channels"]],
         "convs_per_block": int(params_model["convs_per_block"]),
         "batch_norm": bool(params_model["batch_norm"]),
         "dropout": float(params_model["dropout"]),
         "hidden": int(params_model["hidden"]),
     }
+    if params_model.get(FLIP_TTA):
+        config[FLIP_TTA] = True
+    return config

@@ -1,0 +1,298 @@
+"""Time to accuracy: test accuracy against train-stage seconds for candidate training recipes.
+
+Run from the repository root, after `dvc repro preprocess`:
+
+    python bench/time_to_accuracy.py                        # every recipe, seed 0; default x3
+    python bench/time_to_accuracy.py --recipes late-b12 --seeds 0,1,2
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/time_to_accuracy.py \
+        --recipes default                                   # this machine as an AVX2-only CPU
+
+Each run is the train stage's own `fit` on the full prepared training split (validation every
+epoch, as the stage does) in the dtype `ipex.dtype: auto` picks on this CPU, then the float32
+model is scored on the test split, as evaluate does. Results are keyed by recipe, seed, CPU
+class and dtype and appended to `bench/results/time_to_accuracy.json` as each run ends, so an
+interrupted benchmark resumes where it stopped and results from other machines accumulate.
+The Markdown table and the figure (accuracy against seconds, Pareto frontier, the params.yaml
+default marked) are rebuilt from all stored runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmnist.accel import cpu_class, dtype_name, select_backend
+from fmnist.atomic import write_json, write_text
+from fmnist.constants import PREPARED_FILE
+from fmnist.data import load_prepared
+from fmnist.inference import predict_logits
+from fmnist.params import load_params, validate
+from fmnist.reproducibility import configure_torch
+from fmnist.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TARGET_ACCURACY = 0.945
+# The issue's budgets for the train stage, by dtype: float32 on a 2-core AVX2-only CPU,
+# bfloat16 on 2 cores with native bf16.
+BUDGET_S = {"float32": 15 * 60, "bfloat16": 6 * 60}
+
+SMALL = {"channels": [16, 32, 64], "convs_per_block": 2}
+MEDIUM = {"channels": [24, 48, 96], "convs_per_block": 2}
+WIDE_SHALLOW = {"channels": [32, 64, 128], "convs_per_block": 1}
+LARGE = {"channels": [32, 64, 128], "convs_per_block": 2}
+SMALL_DEEP = {"channels": [16, 32, 64, 128], "convs_per_block": 2}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What differs from params.yaml: model keys and train keys."""
+
+    description: str
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def _late(epochs: int, sam_start: float = 0.5, ema: float = 0.999) -> dict[str, Any]:
+    return {"epochs": epochs, "sam_start": sam_start, "ema_decay": ema, "sam_every": 1}
+
+
+RECIPES = {
+    "full-b8": Recipe("16/32/64 x2, 8 epochs, SAM every step",
+                      SMALL, {"epochs": 8, "sam_start": 0.0, "ema_decay": 0.0, "sam_every": 1}),
+    "late-b12": Recipe("16/32/64 x2, 12 epochs, SAM in the second half, EMA", SMALL, _late(12)),
+    "late-b16": Recipe("16/32/64 x2, 16 epochs, SAM in the last quarter, EMA",
+                       SMALL, _late(16, 0.75)),
+    "late-e12": Recipe("16/32/64/128 x2 (4 blocks), 12 epochs, SAM in the second half, EMA",
+                       SMALL_DEEP, _late(12)),
+    "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
+                       WIDE_SHALLOW, _late(12)),
+    "late-c10": Recipe("24/48/96 x2, 10 epochs, SAM in the second half, EMA", MEDIUM, _late(10)),
+    "late-a8": Recipe("32/64/128 x2, 8 epochs, SAM in the last 40%, EMA", LARGE, _late(8, 0.6)),
+    "late-a12": Recipe("32/64/128 x2, 12 epochs, SAM in the last 40%, EMA",
+                       LARGE, _late(12, 0.6)),
+    "full-a20": Recipe("32/64/128 x2, 20 epochs, SAM every step (the first baseline)",
+                       LARGE, {"epochs": 20, "sam_start": 0.0, "ema_decay": 0.0,
+                               "sam_every": 1}),
+}
+
+
+def recipe_params(base: dict[str, Any], recipe: Recipe, seed: int) -> dict[str, Any]:
+    params = copy.deepcopy(base)
+    params["seed"] = seed
+    params["model"].update(recipe.model)
+    params["train"].update(recipe.train)
+    return validate(params, f"recipe {recipe.description!r}")
+
+
+def is_default(base: dict[str, Any], recipe: Recipe) -> bool:
+    """The recipe *is* params.yaml (seed aside): the default the table marks."""
+    return all(base["model"][k] == v for k, v in recipe.model.items()) and all(
+        base["train"][k] == v for k, v in recipe.train.items()
+    )
+
+
+def run_key(recipe: str, seed: int, cpu: str, dtype: str) -> str:
+    return f"{recipe}|seed={seed}|{cpu}|{dtype}"
+
+
+def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
+    """One train-stage-equivalent run and its float32 test accuracy."""
+    start = time.perf_counter()
+    result = fit(data, params, progress=True)
+    seconds = time.perf_counter() - start
+    logits = predict_logits(result.model, data.test.images, batch_size=1000)
+    test_acc = float(np.mean(logits.argmax(axis=1) == data.test.labels))
+    # what a flip test-time augmentation would add (not what evaluate reports)
+    flipped = predict_logits(result.model, np.ascontiguousarray(data.test.images[:, :, ::-1]),
+                             batch_size=1000)
+    tta_acc = float(np.mean((logits + flipped).argmax(axis=1) == data.test.labels))
+    backend = result.backend
+    return {
+        "recipe": recipe,
+        "seed": params["seed"],
+        "cpu_class": cpu_class(),
+        "dtype": dtype_name(backend.dtype),
+        "threads": torch.get_num_threads(),
+        "torch_version": str(torch.__version__),
+        "train_seconds": seconds,
+        "epoch_seconds": result.timing["epoch_seconds"],
+        "images_per_s_median": result.timing["images_per_s_median"],
+        "val_acc": result.metrics["val_acc"],
+        "test_acc": test_acc,
+        "test_acc_flip_tta": tta_acc,
+        "model": params["model"],
+        "train": {k: params["train"][k] for k in
+                  ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size")},
+    }
+
+
+# --- summarizing ---------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (CPU class, dtype, recipe): seeds, mean/std/min accuracy, mean seconds, and
+    whether it is on that class's Pareto frontier (no other row both faster and more accurate)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["cpu_class"], run["dtype"], run["recipe"]), []).append(run)
+    rows = []
+    for (cpu, dtype, name), members in sorted(groups.items()):
+        accs = [m["test_acc"] for m in members]
+        recipe = RECIPES.get(name)
+        rows.append({
+            "cpu_class": cpu, "dtype": dtype, "recipe": name,
+            "description": recipe.description if recipe else name,
+            "seeds": sorted(m["seed"] for m in members),
+            "test_acc_mean": statistics.fmean(accs),
+            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "test_acc_min": min(accs),
+            "val_acc_mean": statistics.fmean(m["val_acc"] for m in members),
+            "train_seconds_mean": statistics.fmean(m["train_seconds"] for m in members),
+            "images_per_s": statistics.fmean(m["images_per_s_median"] for m in members),
+            "default": bool(recipe and is_default(base, recipe)),
+        })
+    for row in rows:
+        where = (row["cpu_class"], row["dtype"])
+        peers = [r for r in rows if (r["cpu_class"], r["dtype"]) == where]
+        row["frontier"] = not any(
+            p["train_seconds_mean"] <= row["train_seconds_mean"]
+            and p["test_acc_mean"] >= row["test_acc_mean"]
+            and p is not row
+            and (p["train_seconds_mean"], p["test_acc_mean"])
+            != (row["train_seconds_mean"], row["test_acc_mean"])
+            for p in peers
+        )
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Time to accuracy",
+        "",
+        "Generated by `python bench/time_to_accuracy.py` from `time_to_accuracy.json`. Seconds: "
+        "the train stage's `fit` (training plus per-epoch validation), 2 threads unless noted; "
+        "accuracy: the float32 model on the 10,000 test images. `*` marks the params.yaml "
+        "default, `F` the Pareto frontier of its CPU class and dtype. Budgets: "
+        f"{BUDGET_S['float32'] // 60} min float32 on an AVX2-only CPU, "
+        f"{BUDGET_S['bfloat16'] // 60} min with native bf16; target {TARGET_ACCURACY:.1%}.",
+        "",
+        "| CPU class | dtype | recipe | seeds | test acc mean ± std (min) | val acc "
+        "| train s | images/s | |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        marks = ("*" if r["default"] else "") + ("F" if r["frontier"] else "")
+        lines.append(
+            f"| {r['cpu_class']} | {r['dtype']} | {r['recipe']}: {r['description']} "
+            f"| {len(r['seeds'])} | {r['test_acc_mean']:.2%} ± {r['test_acc_std']:.2%} "
+            f"({r['test_acc_min']:.2%}) | {r['val_acc_mean']:.2%} "
+            f"| {r['train_seconds_mean']:,.0f} | {r['images_per_s']:,.0f} | {marks} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted({(r["cpu_class"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(classes), figsize=(6 * len(classes), 4.5), squeeze=False)
+    for ax, (cpu, dtype) in zip(axes[0], classes, strict=True):
+        mine = [r for r in rows if (r["cpu_class"], r["dtype"]) == (cpu, dtype)]
+        for r in mine:
+            ax.errorbar(r["train_seconds_mean"], 100 * r["test_acc_mean"],
+                        yerr=100 * r["test_acc_std"], fmt="*" if r["default"] else "o",
+                        markersize=14 if r["default"] else 6,
+                        color="tab:red" if r["default"] else "tab:blue", capsize=3)
+            ax.annotate(r["recipe"], (r["train_seconds_mean"], 100 * r["test_acc_mean"]),
+                        textcoords="offset points", xytext=(5, 4), fontsize=8)
+        front = sorted((r for r in mine if r["frontier"]), key=lambda r: r["train_seconds_mean"])
+        ax.plot([r["train_seconds_mean"] for r in front],
+                [100 * r["test_acc_mean"] for r in front], "--", color="grey", label="frontier")
+        ax.axhline(100 * TARGET_ACCURACY, color="tab:green", lw=1, label="target")
+        if dtype in BUDGET_S:
+            ax.axvline(BUDGET_S[dtype], color="tab:orange", lw=1, label="budget")
+        ax.set(xlabel="train stage seconds", ylabel="test accuracy (%)",
+               title=f"{cpu}, {dtype}, 2 threads (* = default)")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help=f"comma-separated, from: {', '.join(RECIPES)}, or 'default' "
+                        "(the recipe params.yaml holds)")
+    parser.add_argument("--seeds", default="0", help="seeds for every recipe (comma-separated)")
+    parser.add_argument("--default-seeds", type=int, default=3,
+                        help="the params.yaml default runs seeds 0..N-1")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default=str(ROOT / PREPARED_FILE))
+    parser.add_argument("--json", default=str(RESULTS / "time_to_accuracy.json"))
+    parser.add_argument("--markdown", default=str(RESULTS / "time_to_accuracy.md"))
+    parser.add_argument("--figure", default=str(RESULTS / "time_to_accuracy.png"),
+                        help="generated, not committed")
+    parser.add_argument("--report-only", action="store_true", help="rebuild table and figure")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = load_params(ROOT / "params.yaml")
+    store = Path(args.json)
+    runs = json.loads(store.read_text())["runs"] if store.exists() else []
+    if not args.report_only:
+        names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+        defaults = [n for n, r in RECIPES.items() if is_default(base, r)]
+        names = [d for n in names for d in (defaults if n == "default" else [n])]
+        unknown = [n for n in names if n not in RECIPES]
+        if unknown:
+            print(f"time_to_accuracy: unknown recipe {unknown[0]!r}", file=sys.stderr)
+            return 2
+        seeds = [int(s) for s in args.seeds.split(",")]
+        configure_torch(args.threads)
+        dtype = dtype_name(select_backend(base["ipex"], base["train"]["device"]).dtype)
+        data = load_prepared(args.data)
+        done = {run_key(r["recipe"], r["seed"], r["cpu_class"], r["dtype"]) for r in runs}
+        for name in names:
+            wanted = sorted(set(seeds) | (set(range(args.default_seeds))
+                                          if is_default(base, RECIPES[name]) else set()))
+            for seed in wanted:
+                if run_key(name, seed, cpu_class(), dtype) in done:
+                    continue
+                print(f"time_to_accuracy: {name} seed {seed} ({cpu_class()}, {dtype})",
+                      file=sys.stderr, flush=True)
+                runs.append(run_one(data, recipe_params(base, RECIPES[name], seed), name))
+                write_json(store, {"runs": runs})
+                print(f"time_to_accuracy: {name} seed {seed}: test "
+                      f"{runs[-1]['test_acc']:.4f} in {runs[-1]['train_seconds']:.0f} s",
+                      file=sys.stderr, flush=True)
+    rows = summarize(runs, base)
+    write_text(args.markdown, markdown(rows))
+    if rows:
+        figure(rows, Path(args.figure))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
