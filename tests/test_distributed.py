@@ -65,6 +65,7 @@ def tiny_params(**train: Any) -> dict[str, Any]:
     params["train"].update(batch_size=32, epochs=2, threads=1, lr=0.05, device="cpu",
                            distributed=True, compile=False)
     params["ipex"].update(enabled=False, dtype="float32")
+    params["train"].update(sam_start=0.0, ema_decay=0.0)
     params["train"].update(train)
     return params
 

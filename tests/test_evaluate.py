@@ -184,8 +184,10 @@ def test_metrics_are_those_of_the_float32_model_that_export_ships(
     tmp_path: Path, stage_inputs: tuple[Path, Path], dtype: str
 ) -> None:
     model_path, data_path = stage_inputs
+    # as the train stage records it
+    save_model(_tiny_model(), TINY_MODEL, model_path,
+               extra={"training": {"backend": {"dtype": dtype}}})
     params = _params(flip_tta=False)
-    params["ipex"] = {"enabled": False, "dtype": dtype}
     out = tmp_path / "reports/evaluate"
     saved = run(params, model_path=model_path, data_path=data_path, out_dir=out).metrics
 

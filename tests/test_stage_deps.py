@@ -51,6 +51,17 @@ def test_lazy_imports_inside_functions_count(tmp_path: Path) -> None:
     assert {"sam.py", "__init__.py"} <= names
 
 
+def test_relative_and_whole_package_imports_count(tmp_path: Path) -> None:
+    script = tmp_path / "stage.py"
+    script.write_text("import fmnist\nfmnist.load_model('x')\n")
+    names = {path.name for path in sources.source_closure(script)}
+    assert {"__init__.py", "loading.py", "modelfile.py", "h5weights.py"} <= names
+    # a relative import inside the package resolves against the importing file's package
+    tree = sources.ast.parse("from .sam import SAM\nfrom . import figures\n")
+    modules, _ = sources._imports([tree], sources.PACKAGE_DIR / "train.py")
+    assert {"fmnist.sam", "fmnist.figures"} <= modules
+
+
 def test_the_train_stage_does_not_depend_on_the_h5_format() -> None:
     # modelfile and h5weights used to import each other, so every model reader ran both.
     names = {p.name for p in sources.source_closure(REPO / "stages" / "train.py")}

@@ -50,6 +50,8 @@ def tiny_params(**train: Any) -> dict[str, Any]:
     params["model"].update(channels=[4, 8], convs_per_block=1, hidden=16, dropout=0.1)
     params["train"].update(batch_size=32, epochs=2, threads=1, lr=0.05, device="cpu")
     params["ipex"].update(enabled=False, dtype="float32")
+    # SAM from the first step and no weight average, whatever params.yaml's default recipe says
+    params["train"].update(sam_start=0.0, ema_decay=0.0)
     params["train"].update(train)
     return params
 
@@ -280,14 +282,16 @@ def test_ema_model_is_the_saved_one_and_the_average_of_the_weights() -> None:
     # the validation numbers are the averaged model's, and it still learns
     assert averaged.history[-1]["val_acc"] >= 0.9
 
-    source = torch.nn.Linear(2, 1, bias=False)
-    ema = WeightAverage(source, decay=0.5)
-    start = source.weight.detach().clone()
+    source = torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False), torch.nn.BatchNorm1d(3))
+    ema = WeightAverage(copy.deepcopy(source), source, decay=0.5)
+    start = source[0].weight.detach().clone()
     with torch.no_grad():
-        source.weight.add_(1.0)
+        source[0].weight.add_(1.0)
+    source.train()(torch.randn(4, 2))  # moves the BN statistics and counts one batch
     ema.update()  # step 1: decay min(0.5, 2/11) = 2/11
-    expected = start * (2 / 11) + (start + 1.0) * (9 / 11)
-    torch.testing.assert_close(ema.model.weight, expected)
+    torch.testing.assert_close(ema.model[0].weight, start * (2 / 11) + (start + 1.0) * (9 / 11))
+    torch.testing.assert_close(ema.model[1].running_mean, source[1].running_mean * (9 / 11))
+    assert ema.model[1].num_batches_tracked.item() == 1  # integer buffers are copied
 
 
 def test_sgd_and_sam_both_learn_and_differ() -> None:

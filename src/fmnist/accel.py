@@ -33,7 +33,7 @@ EMULATED_BF16_SLOWDOWN = "about 8x"
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backend:
     """How training and inference run: `name` is "native" or "ipex"."""
 
@@ -49,6 +49,7 @@ class Backend:
 
 
 FLOAT32_CPU = Backend("native", torch.float32, torch.device("cpu"))
+BFLOAT16_CPU = Backend("native", torch.bfloat16, torch.device("cpu"))
 
 
 def select_backend(
@@ -157,6 +158,15 @@ def machine_description(backend: Backend | None = None) -> dict[str, Any]:
     if backend is not None:
         out.update(device=backend.device.type, dtype=dtype_name(backend.dtype))
     return out
+
+
+def runtime_identity(backend: Backend) -> str:
+    """What `auto` settings resolved to, for fingerprints: backend, versions, device, dtype."""
+    ipex = f"+ipex{backend.ipex_version}" if backend.ipex_version else ""
+    return (
+        f"{backend.name}/torch{torch.__version__}{ipex}/{backend.device.type}/"
+        f"{dtype_name(backend.dtype)}"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

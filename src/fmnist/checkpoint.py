@@ -34,11 +34,11 @@ def array_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params: dict[str, Any], data_digest: str, *, code: str, dtype: str) -> str:
-    """Hash of the params that affect training, the data's and the code's digests, and the
-    compute dtype actually used (`ipex.dtype: auto` differs from CPU to CPU)."""
+def fingerprint(params: dict[str, Any], data_digest: str, *, code: str, runtime: str) -> str:
+    """Hash of the params that affect training, the data's and the code's digests, and what
+    the run really ran on (`auto` backend, device and dtype differ from machine to machine)."""
     relevant = {key: params[key] for key in ("seed", "model", "train", "ipex")}
-    relevant.update(data=data_digest, code=code, dtype=dtype)
+    relevant.update(data=data_digest, code=code, runtime=runtime)
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -7,7 +7,6 @@ averaged too (they belong to the averaged weights), integer buffers are copied.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -17,30 +16,38 @@ WARMUP = 10  # decay_t = min(decay, (1 + t) / (WARMUP + t)): early averages forg
 
 
 class WeightAverage:
-    """`update(model)` after every optimizer step; `model` is the average (eval mode, CPU
-    or the source's device, same structure as the source)."""
+    """The average lives in `model`, a plain float32 module of the trained architecture (on
+    the training device); `update()` after every optimizer step folds `source` in.
 
-    def __init__(self, source: nn.Module, decay: float) -> None:
+    The source's weights are read through `state_dict()` at every update, not cached: a backend
+    that prepacks weights (IPEX) hands out fresh plain copies there, never its live storage.
+    """
+
+    def __init__(self, model: nn.Module, source: nn.Module, decay: float) -> None:
         if not 0 < decay < 1:
             raise ValueError(f"WeightAverage: decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.steps = 0
-        self.model = copy.deepcopy(source).eval()
+        self.source = source
+        self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        ours, theirs = self.model.state_dict(), source.state_dict()
-        floats = [k for k, v in ours.items() if v.is_floating_point()]
-        self._avg = [ours[k] for k in floats]
-        self._src = [theirs[k] for k in floats]
-        self._int_pairs = [(ours[k], theirs[k]) for k in ours if k not in set(floats)]
+        self.model.load_state_dict(source.state_dict())
+        state = self.model.state_dict()  # tensors sharing storage with self.model
+        self._keys = list(state)
+        self._floats = [k for k in self._keys if state[k].is_floating_point()]
+        self._average = [state[k] for k in self._floats]
+        self._copied = [(k, state[k]) for k in self._keys if k not in set(self._floats)]
 
     @torch.no_grad()
     def update(self) -> None:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (WARMUP + self.steps))
-        torch._foreach_lerp_(self._avg, self._src, 1.0 - decay)
-        for mine, theirs in self._int_pairs:
-            mine.copy_(theirs)
+        current = self.source.state_dict()
+        latest = [current[k].to(a.dtype) for k, a in zip(self._floats, self._average, strict=True)]
+        torch._foreach_lerp_(self._average, latest, 1.0 - decay)
+        for key, mine in self._copied:
+            mine.copy_(current[key])
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "model": self.model.state_dict()}

@@ -17,12 +17,12 @@ from torch import nn
 
 from fmnist import figures, metrics, report
 from fmnist.accel import (
+    BFLOAT16_CPU,
     FLOAT32_CPU,
     Backend,
     backend_metrics,
     dtype_name,
     prepare_inference,
-    select_backend,
 )
 from fmnist.atomic import write_json, write_text
 from fmnist.constants import EVALUATE_DIR, MODEL_FILE, PREPARED_FILE
@@ -105,11 +105,11 @@ def run(
 ) -> Evaluation:
     """The evaluate stage: load model and test split, evaluate, write all outputs under out_dir.
 
-    The metrics are those of the float32 model that export ships. Reads params `evaluate`, and
-    `ipex`: when training ran in bf16, the same model under bf16 autocast is scored beside it.
+    The metrics are those of the float32 model that export ships (with evaluate.flip_tta).
+    When the model file says training ran in bf16, the same model under native bf16 autocast
+    is scored beside it. Reads params `evaluate` only.
     """
     settings = params["evaluate"]
-    training = select_backend(params["ipex"])
     data = load_prepared(data_path)
     payload = read_model_file(model_path)  # torch.load(weights_only=True), validated
     payload["model_config"] = shipped_config(payload["model_config"], settings["flip_tta"])
@@ -120,12 +120,11 @@ def run(
         )
     model = prepare_inference(model_from_payload(payload, model_path), FLOAT32_CPU)
     reduced = None
-    if training.bf16:
-        bf16_model = prepare_inference(model_from_payload(payload, model_path), training)
-        bf16_logits = predict_logits(
-            bf16_model, data.test.images, batch_size=settings["batch_size"], backend=training
+    if trained_dtype(payload) == dtype_name(BFLOAT16_CPU.dtype):
+        logits = predict_logits(
+            model, data.test.images, batch_size=settings["batch_size"], backend=BFLOAT16_CPU
         )
-        reduced = (training, bf16_logits)
+        reduced = (BFLOAT16_CPU, logits)
     evaluation = evaluate_model(
         model,
         data.test,
@@ -142,6 +141,13 @@ def run(
         misclassified_shown=settings["misclassified_shown"],
     )
     return evaluation
+
+
+def trained_dtype(payload: dict[str, Any]) -> str | None:
+    """The compute dtype the train stage recorded in the model file (None if not recorded)."""
+    training = payload.get("training")
+    backend = training.get("backend") if isinstance(training, dict) else None
+    return backend.get("dtype") if isinstance(backend, dict) else None
 
 
 def write_outputs(
@@ -244,5 +250,4 @@ def top_confusions(
 def _backend_label(backend: Backend | None) -> str:
     if backend is None or backend == FLOAT32_CPU:
         return "plain PyTorch in float32 (the model export ships)"
-    dtype = str(backend.dtype).removeprefix("torch.")
-    return f"the {backend.name} backend in {dtype} on {backend.device}"
+    return f"the {backend.name} backend in {dtype_name(backend.dtype)} on {backend.device}"

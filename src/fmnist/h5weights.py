@@ -9,7 +9,9 @@ Layout (format "fmnist-weights-h5", version 1):
   `classifier.5.bias` -> `classifier/5/bias`. Floating tensors are float32, integer buffers
   int64 (scalar datasets for `num_batches_tracked`); shapes are PyTorch's (conv weights are
   out_channels x in_channels x 3 x 3, linear weights out_features x in_features).
-- Root attributes: `format`, `format_version`, `model_config` (JSON: params["model"]),
+- Root attributes: `format`, `format_version`, `model_config` (JSON: params["model"], plus
+  `"flip_tta": true` when the model averages its logits over the image and its left-right
+  mirror: compute (f(x) + f(flip(x))) / 2 then),
   `state_dict_keys` (JSON list, in the model's order), `class_names` (array of str, index =
   logit), `input_shape` [1, 28, 28], `input_dtype` "float32", `input_range` [0, 255],
   `normalization_mean` 0.5, `normalization_std` 0.5, `normalization` (the formula: the model's

@@ -22,9 +22,10 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits, float32 (N, classes), of raw uint8 images (N, 28, 28).
 
-    The model runs in eval mode under `inference_mode`, with the backend's autocast (bf16 when
-    training used it, so evaluation measures the model as it was trained) and channels_last
-    input. Without a backend: float32 on the CPU. The model's train/eval mode is restored after.
+    The model runs in eval mode under `inference_mode`, with the backend's autocast (a bf16
+    backend measures the model as bf16 training saw it; evaluate's headline metrics use float32,
+    as export ships it) and channels_last input. Without a backend: float32 on the CPU. The
+    model's train/eval mode is restored after.
     """
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise FmnistError(f"images: expected a uint8 numpy array, got {_describe(images)}")

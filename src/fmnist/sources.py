@@ -33,7 +33,22 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def _imports(nodes: list[ast.AST]) -> tuple[set[str], set[str]]:
+ALL_NAMES = "*"  # `import fmnist` or `from fmnist import *`: any function of __init__ may run
+
+
+def _absolute(node: ast.ImportFrom, path: Path) -> str | None:
+    """The module a `from ... import` names; relative ones resolved inside the package."""
+    if node.level == 0:
+        return node.module
+    try:
+        package = [PACKAGE, *path.resolve().parent.relative_to(PACKAGE_DIR).parts]
+    except ValueError:
+        return None  # a relative import outside the package is not ours
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(nodes: list[ast.AST], path: Path) -> tuple[set[str], set[str]]:
     """(package modules imported anywhere under `nodes`, names imported from the package itself).
 
     `from fmnist import figures` imports a module; `from fmnist import load_model` a name
@@ -44,11 +59,15 @@ def _imports(nodes: list[ast.AST]) -> tuple[set[str], set[str]]:
     for node in (n for root in nodes for n in ast.walk(root)):
         if isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            candidates = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            if node.module == PACKAGE:
+            if PACKAGE in candidates:
+                names.add(ALL_NAMES)
+        elif isinstance(node, ast.ImportFrom) and (module := _absolute(node, path)):
+            candidates = [module] + [f"{module}.{a.name}" for a in node.names]
+            if module == PACKAGE:
                 names.update(
-                    a.name for a in node.names if module_file(f"{PACKAGE}.{a.name}") is None
+                    ALL_NAMES if a.name == "*" else a.name
+                    for a in node.names
+                    if module_file(f"{PACKAGE}.{a.name}") is None
                 )
         else:
             continue
@@ -74,23 +93,24 @@ def source_closure(entry: Path) -> tuple[Path, ...]:
     init = PACKAGE_DIR / "__init__.py"
     seen: set[Path] = {Path(entry).resolve()}
     used_init_names: set[str] = set()
-    scanned: dict[Path, frozenset[str]] = {}
+    scanned: dict[Path, frozenset[str]] = {}  # file -> the __init__ names it was scanned for
+
+    def wanted(path: Path) -> frozenset[str]:
+        return frozenset(used_init_names) if path == init else frozenset()
+
     while True:
-        pending = [p for p in seen if scanned.get(p) != (frozenset(used_init_names) if p == init
-                                                         else frozenset())]
+        pending = [path for path in seen if scanned.get(path) != wanted(path)]
         if not pending:
             return tuple(sorted(seen))
         for path in pending:
+            scanned[path] = wanted(path)
             tree = _parse(path)
-            if path == init:
-                scanned[path] = frozenset(used_init_names)
+            nodes: list[ast.AST] = [tree]
+            if path == init and ALL_NAMES not in used_init_names:
                 nodes = [node for node in tree.body
                          if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
                          or node.name in used_init_names]
-            else:
-                scanned[path] = frozenset()
-                nodes = [tree]
-            modules, names = _imports(nodes)
+            modules, names = _imports(nodes, path)
             used_init_names |= names
             seen.update(file for file in map(module_file, modules) if file is not None)
 

@@ -26,8 +26,8 @@ from fmnist.accel import (
     Backend,
     autocast,
     describe,
-    dtype_name,
     prepare_training,
+    runtime_identity,
     select_backend,
     unwrap,
 )
@@ -331,6 +331,10 @@ def fit(
     train_split = subset_split(data.train, train_subset, seed)
     model = build_model(params["model"])
     model, optimizer = build_optimizer(model, train, backend)
+    ema = None
+    if train["ema_decay"] > 0:
+        average = build_model(params["model"]).to(backend.device, memory_format=torch.channels_last)
+        ema = WeightAverage(average, unwrap(model), train["ema_decay"])
     if dist.rank:  # same initial weights everywhere, a dropout stream of each rank's own
         torch.manual_seed(rank_seed(seed, dist.rank))
     net = dist.wrap(model)
@@ -343,7 +347,6 @@ def fit(
     )
     steps_per_epoch = len(loader)
     sam_from = round(train["sam_start"] * train["epochs"] * steps_per_epoch)
-    ema = WeightAverage(unwrap(model), train["ema_decay"]) if train["ema_decay"] > 0 else None
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)
     per_batch = train["schedule"]["name"] in PER_BATCH_SCHEDULES
     per_batch_scheduler = scheduler if per_batch else None
@@ -361,7 +364,7 @@ def fit(
             {**params, "train": {**train, **shape}},
             array_digest(train_split.images, train_split.labels, data.val.images, data.val.labels),
             code=code_digest("fmnist.train"),
-            dtype=dtype_name(backend.dtype),
+            runtime=runtime_identity(backend),
         )
         # Rank 0 reads the checkpoint (and reports on it); every rank resumes from its copy.
         state = dist.broadcast_object(

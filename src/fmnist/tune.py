@@ -26,7 +26,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from fmnist.accel import dtype_name, select_backend
+from fmnist.accel import runtime_identity, select_backend
 from fmnist.constants import TUNE_STUDY_DIR
 from fmnist.errors import FmnistError, ParamsError
 from fmnist.params import schema, validate
@@ -157,15 +157,15 @@ def study_name(params: dict[str, Any], data: Prepared) -> str:
         "format": STUDY_FORMAT, "seed": params["seed"], "model": params["model"],
         "ipex": params["ipex"], "train": fixed, "tune": tune, "data": data_fingerprint(data),
         # the code a trial runs, and the dtype `ipex.dtype: auto` resolves to on this machine
-        "code": code_digest("fmnist.tune"), "dtype": trial_dtype(params),
+        "code": code_digest("fmnist.tune"), "runtime": trial_runtime(params),
     }
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return "fmnist-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def trial_dtype(params: dict[str, Any]) -> str:
-    """The compute dtype a trial runs in here (train.device on this machine, ipex.dtype)."""
-    return dtype_name(select_backend(params["ipex"], params["train"]["device"]).dtype)
+def trial_runtime(params: dict[str, Any]) -> str:
+    """Backend, device and dtype a trial runs with on this machine (what `auto` resolves to)."""
+    return runtime_identity(select_backend(params["ipex"], params["train"]["device"]))
 
 
 def storage_url(storage: str | None, study_dir: str | Path = TUNE_STUDY_DIR) -> str:
