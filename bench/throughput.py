@@ -211,6 +211,7 @@ def run_baseline(images: np.ndarray, labels: np.ndarray, params: dict, args: Any
 def run_ours(row: Row, images: np.ndarray, labels: np.ndarray, params: dict, args: Any) -> Result:
     """Windows of `train_one_epoch` over consecutive slices of the training images."""
     from fmnist.data import BatchIterator
+    from fmnist.runtime import Runtime
     from fmnist.train import build_optimizer, train_one_epoch
 
     train = {**params["train"], "optimizer": "sam", "batch_size": args.batch_size}
@@ -248,7 +249,7 @@ def run_ours(row: Row, images: np.ndarray, labels: np.ndarray, params: dict, arg
             optimizer,
             None,
             loader,
-            backend,
+            Runtime(backend),
             loss_fn=loss_fn,
             augment=train["augment"],
             generator=generator,

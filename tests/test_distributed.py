@@ -179,6 +179,7 @@ def _sam_step_all_reduces(dist: DistContext) -> dict[str, int]:
     """All-reduce calls of one SAM step with and without no_sync around the first pass."""
     from fmnist.accel import select_backend
     from fmnist.model import build_model
+    from fmnist.runtime import Runtime
     from fmnist.sam import SAM
     from fmnist.train import sam_step
 
@@ -192,9 +193,10 @@ def _sam_step_all_reduces(dist: DistContext) -> dict[str, int]:
     x = torch.from_numpy(DATA.train.images[:16]).float().unsqueeze(1)
     y = torch.from_numpy(DATA.train.labels[:16])
     calls = {}
-    for name, no_sync in (("synced", nullcontext), ("local", lambda: dist.no_sync(net))):
+    for name, synced in (("synced", True), ("local", False)):
         before = counter["all_reduce"]
-        sam_step(net, optimizer, x, y, nn.CrossEntropyLoss(), backend, no_sync)
+        runtime = Runtime(backend, dist, sync_first_pass=synced)
+        sam_step(net, optimizer, x, y, nn.CrossEntropyLoss(), runtime)
         calls[name] = counter["all_reduce"] - before
     return calls
 

@@ -31,6 +31,7 @@ from fmnist.errors import FmnistError
 from fmnist.model import build_model
 from fmnist.modelfile import plain_state_dict, save_model
 from fmnist.params import load_params
+from fmnist.runtime import Runtime
 
 IPEX_VERSION, IPEX_PROBLEM = ipex_status()
 pytestmark = [
@@ -107,7 +108,7 @@ def train_steps(model: nn.Module, optimizer: Any, backend: Backend, steps: int) 
     model.train()
     for i in range(steps):
         x, y = batch(images[64 * i : 64 * (i + 1)], labels[64 * i : 64 * (i + 1)])
-        sam_step(model, optimizer, x, y, loss_fn, backend)
+        sam_step(model, optimizer, x, y, loss_fn, Runtime(backend))
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

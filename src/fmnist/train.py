@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from tqdm import tqdm
 
 from fmnist.accel import (
     Backend,
-    autocast,
     describe,
     prepare_training,
     runtime_identity,
@@ -40,6 +38,7 @@ from fmnist.model import build_model
 from fmnist.modelfile import plain_state_dict
 from fmnist.preprocess import stratified_indices
 from fmnist.reproducibility import configure_torch, rng_states, seed_everything, set_rng_states
+from fmnist.runtime import Runtime
 from fmnist.sam import SAM, disable_running_stats, same_rng
 from fmnist.sources import code_digest
 
@@ -50,7 +49,7 @@ AUGMENT_SEED_OFFSET = 1_000_003
 PER_BATCH_SCHEDULES = ("onecycle", "cosine")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-PassContext = Callable[[], AbstractContextManager[Any]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -156,25 +155,24 @@ def sam_step(
     optimizer: SAM,
     x: torch.Tensor,
     y: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    backend: Backend,
-    first_pass: PassContext = nullcontext,
+    loss_fn: LossFn,
+    runtime: Runtime,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's two passes: ascend to the worst nearby weights, then descend with that gradient.
 
     Both passes autocast alike and share one dropout mask; BN running statistics come from the
-    first pass only. `first_pass()` wraps the first forward *and* backward: under DDP it is
-    `no_sync`, so each rank ascends along its own shard's gradient (m-sharpness).
+    first pass only. `runtime.first_pass` wraps the first forward *and* backward: under DDP it
+    is `no_sync`, so each rank ascends along its own shard's gradient (m-sharpness).
     Returns the first pass's loss and logits.
     """
-    with same_rng(backend.device) as replay:
-        with first_pass():
-            with autocast(backend):
+    with same_rng(runtime.device) as replay:
+        with runtime.first_pass(model):
+            with runtime.autocast():
                 logits = model(x)
                 loss = loss_fn(logits, y)
             loss.backward()
         optimizer.first_step(zero_grad=True)
-        with replay(), disable_running_stats(model), autocast(backend):
+        with replay(), disable_running_stats(model), runtime.autocast():
             loss_fn(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
     return loss.detach(), logits.detach()
@@ -185,11 +183,11 @@ def plain_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    backend: Backend,
+    loss_fn: LossFn,
+    runtime: Runtime,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ordinary step of `optimizer` (plain SGD, or SAM's base optimizer between SAM steps)."""
-    with autocast(backend):
+    with runtime.autocast():
         logits = model(x)
         loss = loss_fn(logits, y)
     loss.backward()
@@ -203,17 +201,15 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     loader: BatchIterator,
-    backend: Backend,
+    runtime: Runtime,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     augment: dict[str, Any],
     generator: torch.Generator,
     sam_every: int,
     first_step: int,
     sam_from: int = 0,
     ema: WeightAverage | None = None,
-    first_pass: PassContext = nullcontext,
-    dist: DistContext | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> EpochStats:
@@ -221,9 +217,8 @@ def train_one_epoch(
     averages the weights after every step.
 
     Step number `first_step + i` decides SAM or plain: plain before step `sam_from`, then a SAM
-    step every `sam_every` steps. Loss, accuracy and images are summed over the ranks of `dist`.
+    step every `sam_every` steps. Loss, accuracy and images are summed over the runtime's ranks.
     """
-    dist = dist or single_process()
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
@@ -236,13 +231,12 @@ def train_one_epoch(
         x = augment_batch(
             x, flip=augment["flip"], crop_padding=augment["crop_padding"], generator=generator
         )
-        x = x.to(backend.device).contiguous(memory_format=torch.channels_last)
-        y = y.to(backend.device)
+        x, y = runtime.batch(x, y)
         lr = optimizer.param_groups[0]["lr"]
         if is_sam_step(optimizer, first_step + i, sam_from, sam_every):
-            loss, logits = sam_step(model, optimizer, x, y, loss_fn, backend, first_pass)
+            loss, logits = sam_step(model, optimizer, x, y, loss_fn, runtime)
         else:
-            loss, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, backend)
+            loss, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, runtime)
         if ema is not None:
             ema.update()
         if scheduler is not None:
@@ -258,7 +252,7 @@ def train_one_epoch(
     bar.close()
     seconds = time.perf_counter() - start
     # float64 sums: exact for the counts, the same bytes on every rank.
-    totals = dist.all_reduce_sum(torch.stack([total_loss, correct.double(),
+    totals = runtime.all_reduce_sum(torch.stack([total_loss, correct.double(),
                                               torch.tensor(seen, dtype=torch.float64)]))
     total, hits, seen = totals[0].item(), totals[1].item(), int(totals[2].item())
     return EpochStats(
@@ -338,9 +332,7 @@ def fit(
     if dist.rank:  # same initial weights everywhere, a dropout stream of each rank's own
         torch.manual_seed(rank_seed(seed, dist.rank))
     net = dist.wrap(model)
-    first_pass: PassContext = nullcontext
-    if not train["sam_sync_first_step"]:
-        first_pass = lambda: dist.no_sync(net)  # noqa: E731
+    runtime = Runtime(backend, dist, sync_first_pass=train["sam_sync_first_step"])
     loader = BatchIterator(
         train_split.images, train_split.labels, train["batch_size"], shuffle=True, seed=seed,
         rank=dist.rank, world_size=dist.world_size,
@@ -389,7 +381,7 @@ def fit(
             optimizer,
             per_batch_scheduler,
             loader,
-            backend,
+            runtime,
             loss_fn=loss_fn,
             augment=train["augment"],
             generator=generator,
@@ -397,8 +389,6 @@ def fit(
             first_step=epoch * steps_per_epoch,
             sam_from=sam_from,
             ema=ema,
-            first_pass=first_pass,
-            dist=dist,
             desc=f"epoch {epoch + 1}/{train['epochs']}",
             progress=progress,
         )
