@@ -177,3 +177,13 @@ def test_flip_tta_is_stored_only_when_on() -> None:
     assert "flip_tta" not in model_config(CONFIG)
     assert shipped_config(CONFIG, flip_tta=True)["flip_tta"] is True
     assert shipped_config(shipped_config(CONFIG, True), False) == model_config(CONFIG)
+
+
+def test_same_weights_give_the_same_file_bytes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    save_model(model, CONFIG, tmp_path / "a" / "model.pth")
+    save_model(model, CONFIG, tmp_path / "b" / "model.pth")
+    first = (tmp_path / "a" / "model.pth").read_bytes()
+    assert first == (tmp_path / "b" / "model.pth").read_bytes()
+    assert b".model.pth." not in first  # no temporary file name inside the archive

@@ -43,6 +43,11 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Sorted keys and a trailing newline: identical data gives identical bytes."""
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

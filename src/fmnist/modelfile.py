@@ -7,6 +7,7 @@ refuses pickled objects, and that refusal becomes a one-line FmnistError.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmnist.atomic import atomic_path
+from fmnist.atomic import write_bytes
 from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NORM_MEAN, NORM_STD
 from fmnist.errors import FmnistError
 from fmnist.model import build_model, model_config
@@ -56,8 +57,16 @@ def save_model(
     if reserved:
         raise ValueError(f"save_model: extra may not override {sorted(reserved)}")
     payload.update(extra or {})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_bytes(path, torch_bytes(payload))
+
+
+def torch_bytes(payload: dict[str, Any]) -> bytes:
+    """torch.save's bytes, the same for the same payload: saved to a path, torch's zip would
+    name its records after the (random) temporary file, so identical weights made new bytes
+    and `dvc repro --force` reran evaluate and export."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
