@@ -164,6 +164,38 @@ def test_each_bad_image_gets_one_line_and_the_rest_are_classified(
     assert done.stdout.startswith(f"{good}: ")
 
 
+def _dds_with_unknown_pixel_format(path: Path) -> None:
+    """A DDS file (named .png): Pillow's DDS decoder raises NotImplementedError on it."""
+    header = struct.pack("<4sIIIIIII", b"DDS ", 124, 0x1007, 4, 4, 0, 0, 0) + b"\0" * 44
+    pixel_format = struct.pack("<II4sIIIII", 32, 0x4, b"ZZZZ", 0, 0, 0, 0, 0)
+    caps = struct.pack("<IIIII", 0x1000, 0, 0, 0, 0)
+    path.write_bytes(header + pixel_format + caps + b"\0" * 64)
+
+
+def test_a_decoder_failure_or_a_fifo_is_that_files_error_only(
+    tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    good, good2 = tmp_path / "good.png", tmp_path / "good2.png"
+    Image.fromarray(_garment_like(1)[0], "L").save(good)
+    Image.fromarray(_garment_like(2)[1], "L").save(good2)
+    dds = tmp_path / "dds.png"
+    _dds_with_unknown_pixel_format(dds)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+
+    done = _cli("predict", str(good), str(dds), str(fifo), str(good2),
+                "--model", str(model_files["pth"]))
+
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 2
+    assert "dds.png: cannot decode image (NotImplementedError" in errors[0]
+    assert "pipe.png: not a regular file" in errors[1]
+    classified = done.stdout.strip().splitlines()
+    assert classified[0].startswith(f"{good}: ") and any(
+        line.startswith(f"{good2}: ") for line in classified)
+
+
 @pytest.mark.parametrize("content", [b"not a model\n", b""])
 def test_model_file_that_is_not_ours_exits_2_with_one_line(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "model.pth").write_bytes(content)

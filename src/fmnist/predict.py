@@ -90,6 +90,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise FmnistError(f"{path}: no such file")
     if path.is_dir():
         raise FmnistError(f"{path}: is a directory")
+    if not path.is_file():  # a FIFO would block the read forever, a device never end
+        raise FmnistError(f"{path}: not a regular file (FIFO, socket or device), refused")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -107,6 +109,10 @@ def load_image(path: str | Path) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise FmnistError(f"{path}: corrupt or truncated image ({_first_line(exc)})") from None
+    except Exception as exc:  # a decoder's own failure (e.g. NotImplementedError): this file's
+        raise FmnistError(
+            f"{path}: cannot decode image ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
 
 
 def to_model_input(image: Image.Image, *, invert: bool = False) -> np.ndarray:
