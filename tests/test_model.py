@@ -187,3 +187,33 @@ def test_same_weights_give_the_same_file_bytes(tmp_path: Path) -> None:
     first = (tmp_path / "a" / "model.pth").read_bytes()
     assert first == (tmp_path / "b" / "model.pth").read_bytes()
     assert b".model.pth." not in first  # no temporary file name inside the archive
+
+
+@pytest.mark.parametrize("change", [{"channels": [-4, 8]}, {"channels": [10**9]},
+                                    {"hidden": "512"}, {"dropout": 2.0}])
+def test_a_model_config_params_yaml_could_not_hold_is_refused_in_one_line(
+    tmp_path: Path, change: dict
+) -> None:
+    path = tmp_path / "model.pth"
+    save_model(build_model(CONFIG), CONFIG, path)
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"].update(change)
+    torch.save(payload, path)
+    with pytest.raises(FmnistError, match="invalid model config") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    model = build_model(CONFIG)
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    save_model(model, CONFIG, tmp_path / "model.pth")
+    with pytest.raises(FmnistError, match="non-finite values in .*refused"):
+        load_model(tmp_path / "model.pth")
+
+
+def test_a_pickled_object_is_named_as_such(tmp_path: Path) -> None:
+    torch.save({"format": "fmnist-model", "payload": Path("x")}, tmp_path / "model.pth")
+    with pytest.raises(FmnistError, match="pickled object"):
+        load_model(tmp_path / "model.pth")

@@ -279,3 +279,22 @@ def test_nan_is_not_a_valid_number(key: str) -> None:
     params = _with(key, math.nan)  # YAML `.nan`
     with pytest.raises(ParamsError, match=key):
         validate(params)
+
+
+def test_a_duplicate_key_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = (REPO / "params.yaml").read_text() + "seed: 3\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    line = len(text.splitlines())
+    with pytest.raises(ParamsError, match=rf"line {line}, column 1: duplicate key 'seed'"):
+        load_params(path)
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(levels) + "\n")  # 9^9 leaves once expanded
+    with pytest.raises(ParamsError, match="anchors and aliases") as info:
+        load_params(path)
+    assert "\n" not in str(info.value)

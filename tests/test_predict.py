@@ -22,7 +22,7 @@ from fmnist.h5weights import save_h5
 from fmnist.inference import predict_logits
 from fmnist.model import build_model
 from fmnist.modelfile import save_model
-from fmnist.predict import MAX_IMAGE_PIXELS, load_image, to_model_input
+from fmnist.predict import MAX_IMAGE_PIXELS, load_classifier, load_image, to_model_input
 
 torch.set_num_threads(1)
 
@@ -257,3 +257,14 @@ def test_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.new("RGB", (40, 20), "white").save(tmp_path / "phone.jpg", exif=exif)
     assert load_image(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def test_class_names_from_a_model_file_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    save_model(_model(), CONFIG, path)
+    payload = torch.load(path, weights_only=True)
+    payload["class_names"][0] = "\x1b[31mred\x07"
+    torch.save(payload, path)
+    classifier = load_classifier(path)
+    assert classifier.class_names[0] == "\\x1b[31mred\\x07"
+    assert all(name.isprintable() for name in classifier.class_names)

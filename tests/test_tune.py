@@ -185,6 +185,16 @@ def test_editing_the_code_a_trial_runs_starts_a_new_study(tmp_path: Path, edit_s
     assert study_name(params, DATA) == edited.study_name
 
 
+def test_a_combination_invalid_together_is_refused_before_training(tmp_path: Path) -> None:
+    params = tiny_params(space={"nesterov": {"choices": [False, True]},
+                                "momentum": {"choices": [0.9, 0.0]}})
+    params["train"].update(nesterov=False, momentum=0.9)
+    with pytest.raises(ParamsError, match=r"combination momentum=0.0, nesterov=True"):
+        run_study(DATA, params, study_dir=tmp_path, progress=False)
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(
+        storage_url(None, tmp_path))
+
+
 def test_a_choice_outside_the_train_schema_is_refused_before_training(tmp_path: Path) -> None:
     params = tiny_params(space={"batch_size": {"choices": [64, 0]}})
     with pytest.raises(ParamsError, match=r"tune\.space\.batch_size: value 0"):

@@ -12,13 +12,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
 from torch import nn
 
 from fmnist.atomic import write_bytes
 from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NORM_MEAN, NORM_STD
 from fmnist.errors import FmnistError
-from fmnist.model import build_model, model_config
+from fmnist.model import FLIP_TTA, build_model, model_config
+from fmnist.params import schema
 
 FORMAT = "fmnist-model"
 FORMAT_VERSION = 1
@@ -94,14 +96,39 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_payload(payload: dict[str, Any], source: str | Path) -> nn.Module:
-    """Rebuild the model from its stored config and load the weights (eval mode)."""
+    """Rebuild the model from its stored config and load the weights (eval mode).
+
+    The config is checked against the params schema first (a file is input too: a huge
+    `channels` must not become a petabyte allocation), and non-finite weights are refused.
+    """
+    check_model_config(payload["model_config"], source)
     try:
         model = build_model(payload["model_config"])
     except (FmnistError, TypeError, ValueError, KeyError) as exc:
         raise FmnistError(f"model file {source}: unusable model config: {exc}") from None
     check_state_dict(model, payload["state_dict"], source)
+    check_finite(payload["state_dict"], source)
     model.load_state_dict(payload["state_dict"])
     return model.eval()
+
+
+def check_model_config(config: Any, source: str | Path) -> None:
+    """FmnistError (one line) unless `config` is a model section params.yaml could hold."""
+    section = dict(schema()["properties"]["model"])
+    section["properties"] = {**section["properties"], FLIP_TTA: {"type": "boolean"}}
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(section).iter_errors(config)
+    )
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "model_config"
+        raise FmnistError(f"model file {source}: invalid model config: {where}: {error.message}")
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """A model with NaN or infinite weights predicts nothing meaningful: refuse it."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise FmnistError(f"model file {source}: non-finite values in {key}, refused")
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Any], source: str | Path) -> None:
@@ -133,6 +160,8 @@ def _load_problem(exc: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if refused:
         return f"holds a pickled object ({refused.group(1)}); refusing to load it"
+    if "Weights only load failed" in text:
+        return "holds pickled objects that a weights-only load refuses; refusing to load it"
     if isinstance(exc, EOFError):
         return "empty or truncated file"
     return f"corrupt or not a torch file ({type(exc).__name__})"

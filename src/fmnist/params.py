@@ -16,6 +16,35 @@ from fmnist.constants import PARAMS_FILE
 from fmnist.errors import ParamsError
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml, minus two traps: a duplicate key (PyYAML keeps the last,
+    DVC rejects the file) and anchors/aliases (a nested "billion laughs" alias bomb expands
+    without bound while the params are walked). Both are refused with the line they are on."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(event.start_mark, "anchors and aliases (&, *) are not allowed")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # unhashable: construct_mapping itself reports it
+            if key in seen:
+                raise _Refused(key_node.start_mark, f"duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, mark: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.problem_mark, self.problem = mark, problem
+
+
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
     """The params schema: the one definition of every key, its range and its meaning."""
@@ -111,7 +140,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{path}: cannot read: {exc}") from None
     try:
-        params = yaml.safe_load(text)
+        params = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        mark = exc.problem_mark
+        raise ParamsError(
+            f"{path}: line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -75,10 +75,15 @@ def load_classifier(path: str | Path) -> Classifier:
     else:
         payload = read_model_file(path)
     model = model_from_payload(payload, path)
-    names = tuple(str(name) for name in payload["class_names"])
+    names = tuple(printable(str(name)) for name in payload["class_names"])
     if len(names) != NUM_CLASSES:
         raise FmnistError(f"model file {path}: {len(names)} class names, expected {NUM_CLASSES}")
     return Classifier(model=model, class_names=names, source=path)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a model file must not drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def load_image(path: str | Path) -> Image.Image:

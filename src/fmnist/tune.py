@@ -51,6 +51,7 @@ GRACE_S = 300
 SQLITE_TIMEOUT_S = 120
 ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINISHED_OK = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_COMBINATIONS = 4096
 
 
 class _Surplus(Exception):
@@ -88,6 +89,24 @@ def check_space(params: dict[str, Any]) -> None:
             except ParamsError as exc:
                 raise ParamsError(f"params.yaml: {where}: value {value!r} is invalid: "
                                   f"{str(exc).split(': ', 1)[-1]}") from None
+    check_combinations(params)
+
+
+def check_combinations(params: dict[str, Any]) -> None:
+    """Values valid one by one can be invalid together (nesterov with momentum 0): try every
+    combination of the choices and range ends (up to MAX_COMBINATIONS) before any trial runs."""
+    space = params["tune"]["space"]
+    keys = sorted(space)
+    ends = [list(space[k]["choices"]) if "choices" in space[k]
+            else [space[k]["low"], space[k]["high"]] for k in keys]
+    for combo in itertools.islice(itertools.product(*ends), MAX_COMBINATIONS):
+        values = dict(zip(keys, combo, strict=True))
+        try:
+            validate(trial_params(params, values))
+        except ParamsError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ParamsError(f"params.yaml: tune.space: the combination {shown} is invalid: "
+                              f"{str(exc).split(': ', 1)[-1]}") from None
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
