@@ -34,10 +34,9 @@ class WeightAverage:
             p.requires_grad_(False)
         self.model.load_state_dict(source.state_dict())
         state = self.model.state_dict()  # tensors sharing storage with self.model
-        self._keys = list(state)
-        self._floats = [k for k in self._keys if state[k].is_floating_point()]
+        self._floats = [k for k, v in state.items() if v.is_floating_point()]
         self._average = [state[k] for k in self._floats]
-        self._copied = [(k, state[k]) for k in self._keys if k not in set(self._floats)]
+        self._copied = [(k, v) for k, v in state.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
