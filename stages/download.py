@@ -1,7 +1,8 @@
-"""download stage: the four Fashion-MNIST files into data/raw, verified."""
+"""download stage: the four Fashion-MNIST files into data/raw, verified, published together."""
 
 from typing import Any
 
+from fmnist.atomic import publish_dir
 from fmnist.constants import RAW_DIR
 from fmnist.download import download_all
 from fmnist.stage import run_stage
@@ -9,7 +10,8 @@ from fmnist.stage import run_stage
 
 def main(params: dict[str, Any]) -> None:
     data = params["data"]
-    used = download_all(data["sources"], RAW_DIR, timeout=data["timeout_s"])
+    with publish_dir(RAW_DIR) as staging:
+        used = download_all(data["sources"], staging, timeout=data["timeout_s"])
     for source in dict.fromkeys(used):
         print(f"download: {used.count(source)} file(s) from {source}")
 

@@ -1,15 +1,15 @@
 """Stage export: models/model.pth -> export/{model.pth,weights.h5,model.pt2[,model.onnx]}.
 
 Each file is reloaded and must reproduce the trained model's logits on test images; the
-parity results go to reports/export/metrics.json, inference speed to timing.json.
+parity results go to reports/export/parity.json, inference speed to timing.json. export/ is
+published first, then reports/export/, each folder all at once.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from fmnist.atomic import write_json
+from fmnist.atomic import publish_dir, write_json
 from fmnist.constants import EXPORT_DIR, EXPORT_REPORT_DIR, MODEL_FILE, PREPARED_FILE
 from fmnist.data import load_prepared
 from fmnist.export import require_onnx, run_export
@@ -28,17 +28,18 @@ def main(params: dict[str, Any]) -> None:
     )
     model = model_from_payload(payload, MODEL_FILE)
     images = load_prepared(PREPARED_FILE).test.images[: p["parity_samples"]]
-    result = run_export(
-        model,
-        payload["model_config"],
-        images,
-        EXPORT_DIR,
-        onnx=p["onnx"],
-        parity_atol=p["parity_atol"],
-        benchmark_batch_size=p["benchmark_batch_size"],
-    )
-    write_json(Path(EXPORT_REPORT_DIR) / "metrics.json", result.metrics)
-    write_json(Path(EXPORT_REPORT_DIR) / "timing.json", result.timing)
+    with publish_dir(EXPORT_REPORT_DIR) as staging:
+        result = run_export(
+            model,
+            payload["model_config"],
+            images,
+            EXPORT_DIR,
+            onnx=p["onnx"],
+            parity_atol=p["parity_atol"],
+            benchmark_batch_size=p["benchmark_batch_size"],
+        )
+        write_json(staging / "parity.json", result.metrics)
+        write_json(staging / "timing.json", result.timing)
     for fmt, info in result.metrics["formats"].items():
         speed = result.timing["formats"][fmt]
         print(

@@ -17,7 +17,7 @@ from fmnist import accel
 from fmnist.accel import (
     IPEX_DIST,
     autocast,
-    backend_metrics,
+    backend_description,
     prepare_training,
     select_backend,
 )
@@ -95,15 +95,16 @@ def test_major_minor_reads_local_versions() -> None:
     assert accel._major_minor("2.8.10.post2") == (2, 8)
 
 
-def test_backend_metrics_has_numbers_for_dvc_and_strings_for_people() -> None:
-    metrics = backend_metrics(select_backend({"enabled": False, "dtype": "bfloat16"}, "cpu", True))
-    assert metrics["backend_ipex"] == 0 and metrics["dtype_bf16"] == 1 and metrics["compiled"] == 1
-    assert metrics["device_cuda"] == 0
-    assert metrics["backend"] == "native" and metrics["dtype"] == "bfloat16"
-    assert metrics["device"] == "cpu" and metrics["ipex_version"] == "none"
-    assert metrics["cpu_class"] == accel.cpu_class()
-    assert metrics["cpu_bf16_native"] == int(accel.cpu_bf16_native())
-    assert metrics["torch_version"] == torch.__version__
+def test_backend_description_names_backend_dtype_device_and_cpu() -> None:
+    described = backend_description(
+        select_backend({"enabled": False, "dtype": "bfloat16"}, "cpu", True)
+    )
+    assert described["backend"] == "native" and described["dtype"] == "bfloat16"
+    assert described["compiled"] is True and described["device"] == "cpu"
+    assert described["ipex_version"] == "none"
+    assert described["cpu_class"] == accel.cpu_class()
+    assert described["cpu_bf16_native"] is accel.cpu_bf16_native()
+    assert described["torch_version"] == torch.__version__
 
 
 def test_auto_dtype_is_bf16_exactly_where_this_cpu_computes_it_natively() -> None:

@@ -322,7 +322,7 @@ def test_stage_relaunches_under_torchrun_and_rank_zero_writes_outputs(tmp_path: 
     assert run.returncode == 0, run.stderr[-3000:]
     assert "torchrun --standalone --nproc_per_node=2" in run.stderr
     assert run.stdout.count("train: 1 epochs") == 1  # only rank 0 reports
-    metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text())
-    assert metrics["epochs"] == 1
+    run_record = json.loads((tmp_path / "reports/train/run.json").read_text())
+    assert run_record["quality"]["epochs"] == 1 and run_record["backend"]["world_size"] == 2
     assert (tmp_path / "models/model.pth").is_file()
     assert not (tmp_path / "checkpoints/train.ckpt").exists()

@@ -22,9 +22,12 @@ from fmnist.data import load_prepared
 from fmnist.errors import FmnistError
 from fmnist.evaluate import (
     CONFUSION_PLOT,
+    HEADLINE_METRICS,
+    PER_CLASS_PLOT,
     ROC_PLOT,
     confusion_records,
     most_confident_mistakes,
+    per_class_records,
     roc_records,
     run,
     top_confusions,
@@ -194,7 +197,7 @@ def test_metrics_are_those_of_the_float32_model_that_export_ships(
     test = load_prepared(data_path).test
     fp32 = predict_logits(load_model(model_path), test.images, batch_size=1000).argmax(1)
     assert saved["accuracy"] == round(float(np.mean(fp32 == test.labels)), 6)
-    assert saved["backend"]["dtype_bf16"] == 0
+    assert saved["backend"]["dtype"] == "float32"
     if dtype == "float32":
         assert "bfloat16_inference" not in saved
         return
@@ -227,18 +230,23 @@ def test_run_writes_every_output_with_all_metric_keys(
     evaluation = run(_params(misclassified_shown=9), model_path=model_path, data_path=data_path,
                      out_dir=out)
 
+    # metrics.json: the headline numbers only (what `dvc exp show` lists), all floats.
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved == evaluation.metrics
-    for key in ("accuracy", "top2_accuracy", "log_loss", "ece", "auc_macro", "iou_mean",
-                "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
-                "recall_weighted", "f1_weighted"):
-        assert isinstance(saved[key], float), key
-    assert saved["n_samples"] == 120
-    assert list(saved["per_class"]) == sorted(CLASS_NAMES)  # write_json sorts keys
-    assert set(saved["per_class"]["T-shirt/top"]) == {"precision", "recall", "f1", "iou", "auc",
-                                                     "support"}
-    assert saved["backend"]["dtype_bf16"] in (0, 1)
-    assert not any("second" in key or "per_s" in key for key in _flat_keys(saved))
+    assert list(saved) == sorted(HEADLINE_METRICS)
+    assert all(isinstance(value, float) for value in saved.values())
+    assert saved == {key: evaluation.metrics[key] for key in HEADLINE_METRICS}
+    # run.json: every other summary number and the backend strings, no per-class rows.
+    details = json.loads((out / "run.json").read_text())
+    for key in ("top2_accuracy", "precision_weighted", "recall_weighted", "f1_weighted"):
+        assert isinstance(details[key], float), key
+    assert details["n_samples"] == 120 and details["backend"]["dtype"] == "float32"
+    assert "per_class" not in details and not set(details) & set(saved)
+    assert not any("second" in key or "per_s" in key for key in _flat_keys(details))
+    # per-class numbers: a DVC plot, one row per class in class order.
+    rows = json.loads((out / PER_CLASS_PLOT).read_text())
+    assert [row["class"] for row in rows] == list(CLASS_NAMES)
+    assert set(rows[0]) == {"class", "precision", "recall", "f1", "iou", "auc", "support"}
+    assert rows[0]["f1"] == evaluation.metrics["per_class"][CLASS_NAMES[0]]["f1"]
 
     roc = json.loads((out / ROC_PLOT).read_text())
     assert {row["class"] for row in roc} == set(CLASS_NAMES)
@@ -256,7 +264,7 @@ def test_identical_runs_write_identical_bytes(
     tmp_path: Path, stage_inputs: tuple[Path, Path]
 ) -> None:
     model_path, data_path = stage_inputs
-    files = ("metrics.json", "report.md", ROC_PLOT, CONFUSION_PLOT,
+    files = ("metrics.json", "run.json", "report.md", ROC_PLOT, CONFUSION_PLOT, PER_CLASS_PLOT,
              *(f"figures/{name}" for name in FIGURES))
     written = []
     for name in ("a", "b"):
@@ -304,7 +312,7 @@ def dvc_repo(tmp_path: Path) -> Path:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
     metrics = [next(iter(entry)) for entry in stage["metrics"]]
     plots = [
-        {path: {k: v for k, v in settings.items() if k != "cache"}}
+        {path: {k: v for k, v in settings.items() if k not in ("cache", "persist")}}
         for entry in stage["plots"]
         for path, settings in entry.items()
     ]
@@ -321,6 +329,9 @@ def test_dvc_renders_roc_by_class_and_confusion_plots(dvc_repo: Path) -> None:
     out = dvc_repo / "reports/evaluate"
     write_records(out / ROC_PLOT, roc_records(roc_curves(y, probs, CLASS_NAMES)))
     write_records(out / CONFUSION_PLOT, confusion_records(y, probs.argmax(axis=1), CLASS_NAMES))
+    per_class = {name: {"precision": 0.9, "recall": 0.8, "f1": 0.5 + i / 20, "iou": 0.7,
+                        "auc": 0.99, "support": 30} for i, name in enumerate(CLASS_NAMES)}
+    write_records(out / PER_CLASS_PLOT, per_class_records(per_class))
 
     shown = json.loads(_dvc(dvc_repo, "dvc", "plots", "show", "--json"))
     assert not shown.get("errors"), shown.get("errors")
@@ -333,23 +344,13 @@ def test_dvc_renders_roc_by_class_and_confusion_plots(dvc_repo: Path) -> None:
     assert {row["class"] for row in data} == set(CLASS_NAMES)
     assert {"fpr", "tpr", "class", "rev"} <= set(data[0])
     assert '"field": "actual"' in json.dumps(confusion["content"])
+    bars = shown["data"]["reports/evaluate/plots/per_class.json"][0]["content"]
+    assert {row["class"] for row in bars["data"]["values"]} == set(CLASS_NAMES)  # slashes kept
 
     _dvc(dvc_repo, "dvc", "plots", "show", "-o", "html")
     html = (dvc_repo / "html/index.html").read_text()
     assert "ROC, one-vs-rest per class" in html and "Confusion matrix" in html
     assert '"class": "Ankle boot"' in html
-
-
-def test_dvc_metrics_show_and_diff_keep_class_names_with_slashes(dvc_repo: Path) -> None:
-    path = dvc_repo / "reports/evaluate/metrics.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"accuracy": 0.9, "per_class": {"T-shirt/top": {"f1": 0.8}}}))
-    assert "per_class.T-shirt/top.f1" in _dvc(dvc_repo, "dvc", "metrics", "show")
-    _dvc(dvc_repo, "git", "add", "-A")
-    _dvc(dvc_repo, "git", "commit", "-q", "-m", "metrics")
-    path.write_text(json.dumps({"accuracy": 0.9, "per_class": {"T-shirt/top": {"f1": 0.7}}}))
-    diff = json.loads(_dvc(dvc_repo, "dvc", "metrics", "diff", "--json"))
-    assert diff["reports/evaluate/metrics.json"]["per_class.T-shirt/top.f1"]["new"] == 0.7
 
 
 def _flat_keys(value: dict, prefix: str = "") -> list[str]:

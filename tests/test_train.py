@@ -414,15 +414,19 @@ def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
 
     payload = read_model_file("models/model.pth")
     assert payload["model_config"]["channels"] == [4, 8]
+    # metrics.json and timing.json: a few numbers for `dvc exp show`; run.json: the rest.
     metrics = json.loads(Path("reports/train/metrics.json").read_text())
-    assert "timing" not in metrics and metrics["epochs"] == 2
-    assert {"train", "val", "lr"} <= set(metrics)
-    assert metrics["backend"]["backend_ipex"] == 0 and metrics["backend"]["dtype"] == "float32"
+    assert set(metrics) == {"train_loss", "val_loss", "val_acc"}
     timing = json.loads(Path("reports/train/timing.json").read_text())
-    assert len(timing["epoch_seconds"]) == 2 and timing["images_per_s_mean"] > 0
+    assert set(timing) == {"images_per_s", "train_seconds"} and timing["images_per_s"] > 0
+    run = json.loads(Path("reports/train/run.json").read_text())
+    assert run["quality"]["epochs"] == 2 and run["quality"]["val_acc"] == metrics["val_acc"]
+    assert run["backend"]["backend"] == "native" and run["backend"]["dtype"] == "float32"
+    assert len(run["timing"]["epoch_seconds"]) == 2
     # a timing names the machine it came from
-    assert timing["cpu_class"] == cpu_class() and timing["dtype"] == "float32"
-    assert timing["threads"] == 1 and isinstance(timing["cpu_bf16_native"], bool)
+    assert run["machine"]["cpu_class"] == cpu_class() and run["machine"]["dtype"] == "float32"
+    assert run["machine"]["threads"] == 1 and isinstance(run["machine"]["cpu_bf16_native"], bool)
+    assert [p.name for p in Path("reports").iterdir()] == ["train"]  # no staging folder left
     plots = Path("reports/train/plots/metrics")
     for name in ("train/loss.tsv", "train/acc.tsv", "val/loss.tsv", "val/acc.tsv", "lr.tsv",
                  "timing/images_per_s.tsv"):
@@ -445,4 +449,4 @@ def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
     stage.main(params3)
     rows = (plots / "val/acc.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2"]
-    assert json.loads(Path("reports/train/metrics.json").read_text())["epochs"] == 3
+    assert json.loads(Path("reports/train/run.json").read_text())["quality"]["epochs"] == 3

@@ -256,19 +256,15 @@ def autocast(backend: Backend) -> AbstractContextManager:
     return nullcontext()
 
 
-def backend_metrics(backend: Backend) -> dict[str, Any]:
-    """Numbers DVC can diff (0/1 flags) plus readable strings describing the backend."""
+def backend_description(backend: Backend) -> dict[str, Any]:
+    """What a run ran on, for run.json and the model file (not a metric: DVC lists no strings)."""
     return {
-        "backend_ipex": int(backend.name == "ipex"),
-        "dtype_bf16": int(backend.bf16),
-        "compiled": int(backend.compile),
-        "device_cuda": int(backend.device.type == "cuda"),
-        "device_xpu": int(backend.device.type == "xpu"),
-        "cpu_bf16_native": int(cpu_bf16_native()),
         "backend": backend.name,
-        "cpu_class": cpu_class(),
         "dtype": dtype_name(backend.dtype),
         "device": backend.device.type,
+        "compiled": backend.compile,
+        "cpu_class": cpu_class(),
+        "cpu_bf16_native": cpu_bf16_native(),
         "torch_version": str(torch.__version__),
         "ipex_version": backend.ipex_version or "none",
     }

@@ -20,11 +20,11 @@ from fmnist.accel import (
     BFLOAT16_CPU,
     FLOAT32_CPU,
     Backend,
-    backend_metrics,
+    backend_description,
     dtype_name,
     prepare_inference,
 )
-from fmnist.atomic import write_json, write_text
+from fmnist.atomic import publish_dir, write_json, write_text
 from fmnist.constants import EVALUATE_DIR, MODEL_FILE, PREPARED_FILE
 from fmnist.data import Split, load_prepared
 from fmnist.errors import FmnistError
@@ -34,9 +34,17 @@ from fmnist.modelfile import model_from_payload, read_model_file
 
 # Inside the output folder; dvc.yaml declares the same paths.
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
 REPORT_FILE = "report.md"
 ROC_PLOT = "plots/roc.json"
 CONFUSION_PLOT = "plots/confusion.json"
+PER_CLASS_PLOT = "plots/per_class.json"
+# The numbers a reviewer compares run to run (`dvc exp show`, `dvc metrics diff`); everything
+# else (weighted variants, per-class rows, backend strings) goes to run.json and the plots.
+HEADLINE_METRICS = (
+    "accuracy", "precision_macro", "recall_macro", "f1_macro", "iou_mean", "auc_macro", "ece",
+    "log_loss",
+)
 FIGURES_DIR = "figures"
 TOP_CONFUSIONS = 5
 
@@ -78,7 +86,7 @@ def evaluate_model(
         test.labels, probs, class_names, calibration_bins=calibration_bins
     )
     if backend is not None:
-        values["backend"] = backend_metrics(backend)
+        values["backend"] = backend_description(backend)
     if reduced is not None:
         other, other_logits = reduced
         predicted = other_logits.argmax(axis=1)
@@ -103,7 +111,7 @@ def run(
     data_path: str | Path = PREPARED_FILE,
     out_dir: str | Path = EVALUATE_DIR,
 ) -> Evaluation:
-    """The evaluate stage: load model and test split, evaluate, write all outputs under out_dir.
+    """The evaluate stage: load model and test split, evaluate, publish all outputs as out_dir.
 
     The metrics are those of the float32 model that export ships (with evaluate.flip_tta).
     When the model file says training ran in bf16, the same model under native bf16 autocast
@@ -134,12 +142,13 @@ def run(
         backend=FLOAT32_CPU,
         reduced=reduced,
     )
-    write_outputs(
-        evaluation,
-        out_dir,
-        calibration_bins=settings["calibration_bins"],
-        misclassified_shown=settings["misclassified_shown"],
-    )
+    with publish_dir(out_dir) as staging:  # all of them or none: a kill keeps the old ones
+        write_outputs(
+            evaluation,
+            staging,
+            calibration_bins=settings["calibration_bins"],
+            misclassified_shown=settings["misclassified_shown"],
+        )
     return evaluation
 
 
@@ -157,12 +166,15 @@ def write_outputs(
     calibration_bins: int,
     misclassified_shown: int,
 ) -> None:
-    """metrics.json, report.md, the two DVC plot data files and the four figures."""
+    """metrics.json, run.json, report.md, the three DVC plot data files and the four figures."""
     out = Path(out_dir)
     ev = evaluation
     names = ev.class_names
     counts = metrics.confusion(ev.y_true, ev.y_pred, len(names))
-    write_json(out / METRICS_FILE, ev.metrics)
+    headline, details = split_metrics(ev.metrics)
+    write_json(out / METRICS_FILE, headline)
+    write_json(out / RUN_FILE, details)
+    write_records(out / PER_CLASS_PLOT, per_class_records(ev.metrics["per_class"]))
     plot_curves = metrics.roc_curves(ev.y_true, ev.probs, names)
     write_records(out / ROC_PLOT, roc_records(plot_curves))
     write_records(out / CONFUSION_PLOT, confusion_records(ev.y_true, ev.y_pred, names))
@@ -191,6 +203,18 @@ def write_outputs(
         figures_dir=FIGURES_DIR,
     )
     write_text(out / REPORT_FILE, text)
+
+
+def split_metrics(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the headline numbers, everything else but the per-class rows, which are a plot)."""
+    headline = {key: values[key] for key in HEADLINE_METRICS}
+    details = {k: v for k, v in values.items() if k not in HEADLINE_METRICS and k != "per_class"}
+    return headline, details
+
+
+def per_class_records(per_class: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """DVC plot rows {class, precision, recall, f1, iou, auc, support}, in class-name order."""
+    return [{"class": name, **values} for name, values in per_class.items()]
 
 
 def roc_records(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:

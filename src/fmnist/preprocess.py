@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fmnist.atomic import atomic_path
+from fmnist.atomic import write_bytes
 from fmnist.constants import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, RAW_FILES
 from fmnist.errors import FmnistError
 from fmnist.idx import read_idx
@@ -102,14 +103,17 @@ def prepare(
         "val_fraction": val_fraction,
         "train_subset": -1 if train_subset is None else train_subset,
     }
-    with atomic_path(out_path) as tmp:
-        # track_times=False: no timestamps, so the same inputs give the same bytes.
-        with h5py.File(tmp, "w", track_order=False) as file:
-            for name, (images, labels) in splits.items():
-                group = file.create_group(name, track_order=False)
-                group.create_dataset("images", data=images, track_times=False,
-                                     compression="gzip", compression_opts=4, shuffle=True,
-                                     chunks=(min(len(images), 1024) or 1, IMAGE_SIZE, IMAGE_SIZE))
-                group.create_dataset("labels", data=labels, track_times=False)
-            file.attrs.update(attrs)
+    # Built in memory, then written by Python: h5py meeting a full disk mid-write can crash
+    # the interpreter, a plain write fails with an OSError that names the file.
+    buffer = io.BytesIO()
+    # track_times=False: no timestamps, so the same inputs give the same bytes.
+    with h5py.File(buffer, "w", track_order=False) as file:
+        for name, (images, labels) in splits.items():
+            group = file.create_group(name, track_order=False)
+            group.create_dataset("images", data=images, track_times=False,
+                                 compression="gzip", compression_opts=4, shuffle=True,
+                                 chunks=(min(len(images), 1024) or 1, IMAGE_SIZE, IMAGE_SIZE))
+            group.create_dataset("labels", data=labels, track_times=False)
+        file.attrs.update(attrs)
+    write_bytes(out_path, buffer.getbuffer())
     return sizes

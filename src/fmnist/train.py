@@ -65,6 +65,9 @@ class FitResult:
 
 @dataclass
 class EpochStats:
+    """`loss` is the plain cross-entropy of the training batches (as the model was when it
+    saw them), without label smoothing, so that it reads on the same scale as val loss."""
+
     loss: float
     acc: float
     lr: float
@@ -234,14 +237,15 @@ def train_one_epoch(
         x, y = runtime.batch(x, y)
         lr = optimizer.param_groups[0]["lr"]
         if is_sam_step(optimizer, first_step + i, sam_from, sam_every):
-            loss, logits = sam_step(model, optimizer, x, y, loss_fn, runtime)
+            _, logits = sam_step(model, optimizer, x, y, loss_fn, runtime)
         else:
-            loss, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, runtime)
+            _, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, runtime)
         if ema is not None:
             ema.update()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.double().cpu() * len(y)
+        # Plain cross-entropy, not the (label-smoothed) training loss: comparable to val loss.
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double().cpu()
         correct += (logits.argmax(dim=1) == y).sum().cpu()
         seen += len(y)
         if progress and (i % 20 == 0 or i == len(loader) - 1):

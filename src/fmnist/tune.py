@@ -404,6 +404,18 @@ def run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path =
 
     `pruner` replaces tune.pruner (tests force pruning with it).
     """
+    try:
+        return _run_study(data, params, study_dir=study_dir, pruner=pruner, progress=progress)
+    except optuna.exceptions.StorageInternalError as exc:  # read-only folder, full disk
+        cause = exc.__cause__ or exc
+        text = str(cause).strip()
+        message = text.splitlines()[0] if text else type(cause).__name__
+        url = safe_url(storage_url(params["tune"]["storage"], study_dir))
+        raise FmnistError(f"tune.storage {url}: cannot write the study: {message}") from None
+
+
+def _run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path,
+               pruner: optuna.pruners.BasePruner | None, progress: bool) -> optuna.Study:
     tune = params["tune"]
     study, url, name = open_study(params, data, study_dir=study_dir)
     _release_dead_trials(study, own_storage=tune["storage"] is None)

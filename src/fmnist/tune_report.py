@@ -13,7 +13,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from fmnist.atomic import atomic_path, write_json, write_text
+from fmnist.atomic import atomic_path, publish_dir, write_json, write_text
 from fmnist.constants import TUNE_DIR
 from fmnist.errors import FmnistError
 
@@ -212,17 +212,23 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
 
 def write_reports(study: optuna.Study, params: dict[str, Any],
                   out_dir: str | Path = TUNE_DIR) -> dict[str, Any]:
-    """Write every tune output; returns the metrics plus the `dvc exp run` command."""
-    out_dir = Path(out_dir)
+    """Publish every tune output at once; returns the summary plus the `dvc exp run` command.
+
+    metrics.json holds the one number to compare (the best validation accuracy); the search's
+    bookkeeping (trials, pruning, compute saved) goes to run.json.
+    """
     best = best_params(study)
     command = exp_run_command(best["train"])
-    metrics = summary_metrics(study, params)
-    write_text(out_dir / "trials.csv", trials_csv(study))
-    write_text(out_dir / "best_params.yaml", yaml.safe_dump(best, sort_keys=True))
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "plots" / "history.json", history_records(study))
-    for key in ("rho", "lr"):
-        write_json(out_dir / "plots" / f"vs_{key}.json", versus_records(study, params, key))
-    write_figures(study, params, out_dir / "figures")
-    write_text(out_dir / "report.md", report_markdown(study, params, metrics, command))
-    return {**metrics, "command": command, "best_params": best}
+    summary = summary_metrics(study, params)
+    with publish_dir(out_dir) as staging:
+        write_text(staging / "trials.csv", trials_csv(study))
+        write_text(staging / "best_params.yaml", yaml.safe_dump(best, sort_keys=True))
+        write_json(staging / "metrics.json", {"best_val_acc": summary["best_val_acc"]})
+        write_json(staging / "run.json",
+                   {k: v for k, v in summary.items() if k != "best_val_acc"})
+        write_json(staging / "plots" / "history.json", history_records(study))
+        for key in ("rho", "lr"):
+            write_json(staging / "plots" / f"vs_{key}.json", versus_records(study, params, key))
+        write_figures(study, params, staging / "figures")
+        write_text(staging / "report.md", report_markdown(study, params, summary, command))
+    return {**summary, "command": command, "best_params": best}

@@ -1,0 +1,61 @@
+"""Ctrl-C and SIGTERM end a stage the same way: an exception that runs every `finally`.
+
+Python turns SIGINT into KeyboardInterrupt, but one raised inside a finalizer (h5py closing a
+file, for one) is printed and swallowed, and SIGTERM kills without any cleanup at all. So both
+signals are recorded here as well as raised, and `check()` runs before anything is published:
+a swallowed interrupt can no longer let a stage publish its outputs and exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+_received: int | None = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the first SIGINT or SIGTERM; `exit_code` is the shell's 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM in this process (only the main thread may install handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            signal.signal(signum, _handle)
+
+
+def _handle(signum: int, _frame: FrameType | None) -> None:
+    global _received
+    first = _received is None
+    _received = signum
+    if first:  # a second signal must not interrupt the cleanup the first one started
+        raise Interrupted(signum)
+
+
+def received() -> int | None:
+    """The signal this process received, if any."""
+    return _received
+
+
+def check() -> None:
+    """Raise Interrupted if a signal arrived, even one whose exception was swallowed."""
+    if _received is not None:
+        raise Interrupted(_received)
+
+
+def reset() -> None:
+    """Forget a received signal (tests run several stages in one process)."""
+    global _received
+    _received = None
