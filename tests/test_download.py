@@ -1,7 +1,9 @@
 """Download: the first source with an intact copy wins, per file; failures are one clear line.
 
 Sources are built from the real files (checksums in constants are the real ones): local folders
-with damaged copies, and a real HTTP server on 127.0.0.1 serving the real .gz files.
+with damaged copies, and a real HTTP server on 127.0.0.1 serving the real .gz files, or hostile
+answers (endless, trickling, oversized). A hostile mode gives up after a few seconds or tens of
+MB by itself, so that without the limits under test a test fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fmnist.constants import RAW_FILES, RAW_SHA256
+import fmnist.download
+from fmnist.constants import RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
 from fmnist.download import decompressed_sha256, download_all, fetch_file
 from fmnist.errors import FmnistError
 
@@ -28,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = Path("/usr/share/datasets/fashion-mnist")
 NAMES = list(RAW_FILES.values())
 SMALL = RAW_FILES["test_labels"]
+HOSTILE_SECONDS = 4  # how long a trickling mode keeps at it before giving up
+HOSTILE_BYTES = 32 << 20  # how much an endless mode sends before giving up (> every file)
 
 pytestmark = pytest.mark.skipif(
     not all((REAL / name).is_file() for name in NAMES),
@@ -35,25 +42,78 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _upstream(name: str) -> bytes:
+    """Upstream's .gz bytes: Debian's copy with the file name put back into the gzip header."""
+    body = (REAL / name).read_bytes()
+    assert body[3] == 0, "expected a gzip header without optional fields"
+    return body[:3] + b"\x08" + body[4:10] + name.removesuffix(".gz").encode() + b"\0" + body[10:]
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """GET /<mode>/<name>: good (the real file), wrong (other content), hangup (cut short)."""
+    """GET /<mode>/<name>: good (the real file), wrong (other content), hangup (cut short),
+    upstream (upstream's exact bytes), endless (data without end), oversized (announces one
+    byte more than the known size), trickle-body and trickle-headers (a byte per 20 ms)."""
 
     requests: list[str] = []
+    hostile = ("endless", "oversized", "trickle-body", "trickle-headers")
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.requests.append(self.path)
         mode, _, name = self.path.strip("/").partition("/")
-        if mode not in ("good", "wrong", "hangup") or not (REAL / name).is_file():
+        known = ("good", "wrong", "hangup", "upstream", *self.hostile)
+        if mode not in known or not (REAL / name).is_file():
             self.send_error(404)
+            return
+        if mode in self.hostile:
+            try:
+                self._hostile(mode, name)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client hung up on us: what a limit should do
+            return
+        if mode == "upstream":
+            self._send(_upstream(name))
             return
         body = (REAL / name).read_bytes()
         if mode == "wrong":
             body = gzip.compress(b"these are not the files you are looking for", mtime=0)
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body) + (1000 if mode == "hangup" else 0)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2] if mode == "hangup" else body)
         self.close_connection = mode == "hangup"
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _hostile(self, mode: str, name: str) -> None:
+        body = (REAL / name).read_bytes()
+        if mode == "trickle-headers":
+            self._trickle(b"HTTP/1.0 200 OK\r\nX-Slow: " + b"z" * 10_000)
+        self.send_response(200)
+        if mode == "oversized":
+            self.send_header("Content-Length", str(RAW_GZ_BYTES[name] + 1))
+        elif mode == "trickle-body":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "trickle-body":
+            self._trickle(body)
+        elif mode == "endless":
+            junk = bytes(1 << 16)
+            for _ in range(HOSTILE_BYTES // len(junk)):
+                self.wfile.write(junk)
+        else:
+            self.wfile.write(body)
+
+    def _trickle(self, data: bytes) -> None:
+        give_up = time.monotonic() + HOSTILE_SECONDS
+        for i in range(len(data)):
+            if time.monotonic() > give_up:
+                raise ConnectionResetError
+            self.wfile.write(data[i : i + 1])
+            time.sleep(0.02)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
@@ -187,3 +247,86 @@ def test_download_stage_with_bad_sources_exits_1_with_one_line(tmp_path: Path) -
     assert str(empty) in lines[0] and closed in lines[0]
     assert "Traceback" not in result.stderr
     assert _files(tmp_path / "data") == []
+
+
+@contextmanager
+def _measured_temp_files(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Sizes the download's temporary files had when each fetch ended (they are deleted after)."""
+    sizes: list[int] = []
+    real = fmnist.download.atomic_path
+
+    @contextmanager
+    def measured(dest: Path) -> Iterator[Path]:
+        with real(dest) as tmp:
+            try:
+                yield tmp
+            finally:
+                sizes.append(tmp.stat().st_size if tmp.exists() else 0)
+
+    monkeypatch.setattr(fmnist.download, "atomic_path", measured)
+    yield sizes
+
+
+def test_files_of_exactly_their_known_size_are_accepted(server: str, tmp_path: Path) -> None:
+    used = download_all([f"{server}/upstream"], tmp_path / "raw", timeout=10)
+    assert used == [f"{server}/upstream"] * 4
+    for name in NAMES:
+        assert (tmp_path / "raw" / name).stat().st_size == RAW_GZ_BYTES[name]
+    _assert_verified(tmp_path / "raw")
+
+
+def test_endless_source_is_cut_at_the_known_size_and_the_next_source_used(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    endless = f"{server}/endless"
+    start = time.monotonic()
+    with _measured_temp_files(monkeypatch) as sizes:
+        used = download_all([endless, str(REAL)], tmp_path / "raw", timeout=5)
+
+    assert time.monotonic() - start < 5
+    assert used == [str(REAL)] * 4
+    _assert_verified(tmp_path / "raw")
+    endless_sizes = sizes[0::2]  # each file: the endless source first, then REAL
+    assert all(size <= RAW_GZ_BYTES[name] for size, name in zip(endless_sizes, NAMES, strict=True))
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 4
+    for name, note in zip(NAMES, notes, strict=True):
+        assert note == (f"download: {name}: from {REAL} after "
+                        f"{endless}: more than its known {RAW_GZ_BYTES[name]} bytes")
+
+
+def test_oversized_content_length_is_refused_before_any_byte_is_written(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    oversized = f"{server}/oversized"
+    with _measured_temp_files(monkeypatch) as sizes:
+        used = download_all([oversized, str(REAL)], tmp_path / "raw", timeout=5)
+
+    assert used == [str(REAL)] * 4
+    _assert_verified(tmp_path / "raw")
+    assert sizes[0::2] == [0, 0, 0, 0]
+    notes = capsys.readouterr().err
+    for name in NAMES:
+        known = RAW_GZ_BYTES[name]
+        assert f"{oversized}: announces {known + 1} bytes, more than its known {known}" in notes
+
+
+@pytest.mark.parametrize("mode", ["trickle-body", "trickle-headers"])
+def test_trickling_source_is_dropped_at_its_deadline_for_the_next_source(
+    server: str, tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trickle = f"{server}/{mode}"
+    start = time.monotonic()
+    # A byte every 20 ms never trips the 5 s timeout per read; only the deadline ends it.
+    used = download_all([trickle, str(REAL)], tmp_path / "raw", timeout=5, deadline=0.5)
+
+    assert time.monotonic() - start < 4 * 0.5 + 2
+    assert used == [str(REAL)] * 4
+    _assert_verified(tmp_path / "raw")
+    notes = capsys.readouterr().err.splitlines()
+    assert [note.split(" after ", 1)[1] for note in notes] == [
+        f"{trickle}: not complete within its 0.5 s deadline"
+    ] * 4
+    assert _files(tmp_path / "raw") == sorted(NAMES)  # no temporary file left behind

@@ -41,6 +41,14 @@ RAW_SHA256: dict[str, str] = {
     "t10k-labels-idx1-ubyte.gz":
         "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
+# Byte sizes of upstream's .gz files (Debian's are 23-24 bytes smaller: no file name in the
+# header). A download that announces or sends more is refused: a mirror that streams forever.
+RAW_GZ_BYTES: dict[str, int] = {
+    "train-images-idx3-ubyte.gz": 26_421_880,
+    "train-labels-idx1-ubyte.gz": 29_515,
+    "t10k-images-idx3-ubyte.gz": 4_422_102,
+    "t10k-labels-idx1-ubyte.gz": 5_148,
+}
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

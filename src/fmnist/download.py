@@ -3,6 +3,10 @@
 A source is a local folder (Debian's dataset-fashion-mnist, an offline CI) or a URL base (the
 public mirrors). Each file is checked by the SHA-256 of its decompressed bytes, because the
 Debian copies are re-gzipped with other headers.
+
+A URL source is bounded twice per file: it may not announce or send more than the file's known
+size (RAW_GZ_BYTES), and it must deliver the whole file before a deadline. `timeout` alone
+bounds each socket read, so a source that trickles a byte at a time would never end.
 """
 
 from __future__ import annotations
@@ -11,19 +15,25 @@ import gzip
 import hashlib
 import http.client
 import shutil
+import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from fmnist.atomic import atomic_path
-from fmnist.constants import RAW_FILES, RAW_SHA256
+from fmnist.constants import RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
 from fmnist.errors import FmnistError
 
 CHUNK = 1 << 20
+# The slowest source still waited for: the default deadline of a file is `timeout` to start
+# plus its known size at this rate (about 7 minutes for the 26 MB training images).
+MIN_BYTES_PER_S = 64 * 1024
 
 
 def decompressed_sha256(path: Path) -> str:
@@ -44,17 +54,110 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def _fetch_url(url: str, dest: Path, timeout: float) -> None:
-    received, total = 0, None
+def default_deadline(name: str, timeout: float) -> float:
+    """Seconds one source gets for `name`: a slow link is waited for, a trickle is not."""
+    return timeout + RAW_GZ_BYTES[name] / MIN_BYTES_PER_S
+
+
+def _shut(sock: socket.socket) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, dest.open("wb") as out:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed: nothing left to end
+
+
+class _Deadline:
+    """Shuts down every connection of one download when its time is up.
+
+    That ends whichever read is blocked, the ones inside http.client (status line, headers,
+    TLS handshake) too, which a check between our own reads could not reach.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        # A duplicate, because TLS detaches the original; shutdown acts on the connection.
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.expired:
+                _shut(self._socks[-1])
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                _shut(sock)
+
+
+class _Watching:
+    """Mixin for urllib's handlers: each connection they open (redirects too) is watched."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        def connection(host: str, **conn_kwargs: Any) -> http.client.HTTPConnection:
+            conn = http_class(host, **conn_kwargs)
+            create = conn._create_connection  # http.client's hook for the socket it connects
+            conn._create_connection = lambda *args: self.deadline.watch(create(*args))
+            return conn
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class _WatchingHTTP(_Watching, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchingHTTPS(_Watching, urllib.request.HTTPSHandler):
+    pass
+
+
+def _fetch_url(url: str, dest: Path, timeout: float, limit: int, seconds: float) -> None:
+    with _Deadline(seconds) as deadline:
+        try:
+            _download(url, dest, timeout, limit, deadline)
+        except FmnistError:
+            if not deadline.expired:
+                raise
+        if deadline.expired:  # also when the cut connection looked like a normal end of data
+            raise FmnistError(f"not complete within its {seconds:g} s deadline")
+
+
+def _download(url: str, dest: Path, timeout: float, limit: int, deadline: _Deadline) -> None:
+    received, total = 0, None
+    opener = urllib.request.build_opener(_WatchingHTTP(deadline), _WatchingHTTPS(deadline))
+    try:
+        with opener.open(url, timeout=timeout) as response, dest.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            if total is not None and total > limit:
+                raise FmnistError(f"announces {total} bytes, more than its known {limit}")
             # disable=None: a progress bar on a terminal only, never in logs or captured stderr.
             with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
                       leave=False, file=sys.stderr, disable=None) as bar:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
+                # At most one byte past the known size is read, and none of it is written.
+                while chunk := response.read(min(CHUNK, limit + 1 - received)):
                     received += len(chunk)
+                    if received > limit:
+                        raise FmnistError(f"more than its known {limit} bytes")
+                    out.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
         raise FmnistError(f"HTTP {exc.code} {exc.reason}") from None
@@ -68,11 +171,18 @@ def _fetch_url(url: str, dest: Path, timeout: float) -> None:
         raise FmnistError(f"incomplete download ({received} of {total} bytes)")
 
 
-def fetch_file(source: str, name: str, dest: Path, timeout: float) -> None:
-    """Copy or download `name` from `source` to `dest` atomically, verified, or raise."""
+def fetch_file(
+    source: str, name: str, dest: Path, timeout: float, deadline: float | None = None
+) -> None:
+    """Copy or download `name` from `source` to `dest` atomically, verified, or raise.
+
+    A download gets `deadline` seconds in all (default: `default_deadline`); local copies
+    are not bounded, so that any gzip of the original files works from a folder.
+    """
     with atomic_path(dest) as tmp:
         if _is_url(source):
-            _fetch_url(f"{source.rstrip('/')}/{name}", tmp, timeout)
+            seconds = default_deadline(name, timeout) if deadline is None else deadline
+            _fetch_url(f"{source.rstrip('/')}/{name}", tmp, timeout, RAW_GZ_BYTES[name], seconds)
         else:
             origin = Path(source) / name
             if not origin.is_file():
@@ -85,7 +195,9 @@ def fetch_file(source: str, name: str, dest: Path, timeout: float) -> None:
             raise FmnistError("checksum mismatch")
 
 
-def download_all(sources: list[str], out_dir: str | Path, *, timeout: float = 30) -> list[str]:
+def download_all(
+    sources: list[str], out_dir: str | Path, *, timeout: float = 30, deadline: float | None = None
+) -> list[str]:
     """Each file from the first source that serves it intact; returns the source per file.
 
     A file found after failures is reported with them (one line); when a file fails
@@ -97,7 +209,7 @@ def download_all(sources: list[str], out_dir: str | Path, *, timeout: float = 30
         failures = []
         for source in sources:
             try:
-                fetch_file(source, name, out_dir / name, timeout)
+                fetch_file(source, name, out_dir / name, timeout, deadline)
             except FmnistError as exc:
                 failures.append(f"{source}: {exc}")
                 continue
