@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -15,7 +20,7 @@ import pytest
 import torch
 
 import fmnist
-from fmnist import export
+from fmnist import export, pt2
 from fmnist.constants import CLASS_NAMES
 from fmnist.errors import FmnistError
 from fmnist.h5weights import FORMAT, load_h5_model, save_h5
@@ -174,6 +179,219 @@ def test_pt2_rewrite_is_byte_identical(tmp_path: Path) -> None:
     export.export_program(model, tmp_path / "a.pt2")
     export.export_program(model, tmp_path / "b.pt2")
     assert (tmp_path / "a.pt2").read_bytes() == (tmp_path / "b.pt2").read_bytes()
+
+
+class Plant:
+    """Unpickling this creates `marker`: the stand-in for code a tampered file runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+ROOT = "archive/"  # the root folder torch.export.save gives an archive written to a buffer
+SAMPLE_INPUTS_REFUSED = r"holds pickled objects \(data/sample_inputs/model\.pt\)"
+
+
+def _torch_save_bytes(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _rewrite(src: Path, dst: Path, replace: dict[str, bytes], add: dict[str, bytes]) -> Path:
+    """A copy of the archive `src` with members replaced and added (names below the root)."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        for info in old.infolist():
+            name = info.filename[len(ROOT) :]
+            new.writestr(info.filename, replace.get(name, old.read(info)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a duplicate name is one of the tamperings
+            for name, data in add.items():
+                new.writestr(ROOT + name, data)
+    return dst
+
+
+def _program_json(path: Path) -> dict:
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read(ROOT + pt2.PROGRAM))
+
+
+@pytest.fixture
+def clean_pt2(tmp_path: Path) -> Path:
+    export.export_program(_trained_like_model(), tmp_path / "model.pt2")
+    return tmp_path / "model.pt2"
+
+
+def test_exported_pt2_has_no_pickled_member(clean_pt2: Path) -> None:
+    with zipfile.ZipFile(clean_pt2) as archive:
+        members = {info.filename[len(ROOT) :]: archive.read(info) for info in archive.infolist()}
+    assert members[pt2.SAMPLE_INPUTS] == b""  # torch.export.save pickles example inputs here
+    for config_name in pt2.PAYLOADS:
+        entries = json.loads(members[config_name])["config"].values()
+        assert all(entry["use_pickle"] is False for entry in entries)
+    for name, data in members.items():
+        assert not data.startswith(b"PK"), name  # no nested torch.save zip (data.pkl)
+        assert not data.startswith(b"\x80"), name  # no pickle protocol header
+    assert _program_json(clean_pt2)["guards_code"] == []
+    pt2.check_archive(clean_pt2.read_bytes(), clean_pt2)
+
+
+def test_export_refuses_a_program_with_pickled_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = torch.export.save
+
+    def save_with_example_inputs(program: torch.export.ExportedProgram, f, **kwargs) -> None:
+        program.example_inputs = ((torch.zeros(2, 1, 28, 28),), {})  # torch's default
+        real_save(program, f, **kwargs)
+
+    monkeypatch.setattr(torch.export, "save", save_with_example_inputs)
+    with pytest.raises(FmnistError, match=SAMPLE_INPUTS_REFUSED):
+        export.export_program(_trained_like_model(), tmp_path / "model.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pt2_loads_like_the_pth_and_gives_the_same_logits(tmp_path: Path, clean_pt2: Path) -> None:
+    model = _trained_like_model()
+    save_model(model, CONFIG, tmp_path / "model.pth")
+    program = fmnist.load_model(str(clean_pt2))
+    assert isinstance(program, torch.nn.Module) and not program.training
+    assert program.eval() is program  # predict_logits switches modes; the program stays eval
+    for n in (1, 40):
+        images = _images(n)
+        expected = _logits(fmnist.load_model(str(tmp_path / "model.pth")), images)
+        got = _logits(program, images)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        assert (got.argmax(1) == expected.argmax(1)).all()
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        program.train()
+
+
+def test_plain_torch_export_load_runs_a_tampered_sample_inputs_member(
+    tmp_path: Path, clean_pt2: Path
+) -> None:
+    """The threat: why fmnist.load_model checks the archive before torch opens it."""
+    marker = tmp_path / "ran"
+    evil = {pt2.SAMPLE_INPUTS: _torch_save_bytes((Plant(marker),))}
+    tampered = _rewrite(clean_pt2, tmp_path / "tampered.pt2", evil, {})
+    with contextlib.suppress(Exception):
+        torch.export.load(tampered)
+    assert marker.exists()
+
+
+def _tamper_sample_inputs(src: Path, dst: Path, marker: Path) -> Path:
+    return _rewrite(src, dst, {pt2.SAMPLE_INPUTS: _torch_save_bytes((Plant(marker),))}, {})
+
+
+def _tamper_weight(src: Path, dst: Path, marker: Path) -> Path:
+    """weight_0 as a torch.save pickle, its config entry saying so (torch.load, no weights_only)."""
+    with zipfile.ZipFile(src) as archive:
+        config_name = next(iter(pt2.PAYLOADS))
+        config = json.loads(archive.read(ROOT + config_name))
+    for entry in config["config"].values():
+        if entry["path_name"] == "weight_0":
+            entry["use_pickle"] = True
+    replace = {
+        config_name: json.dumps(config).encode(),
+        "data/weights/weight_0": _torch_save_bytes(Plant(marker)),
+    }
+    return _rewrite(src, dst, replace, {})
+
+
+def _tamper_legacy_weights(src: Path, dst: Path, marker: Path) -> Path:
+    """A protocol 0 pickle (no header) where torch looks for legacy weights."""
+    return _rewrite(src, dst, {}, {"data/weights/model.pt": pickle.dumps(Plant(marker), 0)})
+
+
+def _tamper_twin(src: Path, dst: Path, marker: Path) -> Path:
+    """A second sample-inputs member: zip readers disagree on which of the two counts."""
+    return _rewrite(src, dst, {}, {pt2.SAMPLE_INPUTS: _torch_save_bytes((Plant(marker),))})
+
+
+def _tamper_program(src: Path, dst: Path, marker: Path, key: str) -> Path:
+    code = f"open({str(marker)!r}, 'w')"
+    program = _program_json(src)
+    if key == "guards_code":  # exec'd as Python on the first call, given example inputs
+        program["guards_code"] = [f"{code} is not None"]
+    else:  # every expr_str goes through sympy.sympify, i.e. eval
+        text = json.dumps(program)
+        symbol = "Symbol('s77', positive=True, integer=True)"
+        assert symbol in text
+        program = json.loads(text.replace(symbol, f"{symbol} + 0 * len(str({code}))", 1))
+    return _rewrite(src, dst, {pt2.PROGRAM: json.dumps(program).encode()}, {})
+
+
+TAMPERINGS = {
+    "sample_inputs": (_tamper_sample_inputs, SAMPLE_INPUTS_REFUSED),
+    "weight": (_tamper_weight, r"holds pickled objects \(data/weights/weight_0\)"),
+    "legacy_weights": (_tamper_legacy_weights, r"unexpected member data/weights/model\.pt"),
+    "twin": (_tamper_twin, r"member archive/data/sample_inputs/model\.pt appears twice"),
+    "expr_str": (
+        lambda src, dst, marker: _tamper_program(src, dst, marker, "expr_str"),
+        r"models/model\.json holds a shape formula that is not plain sympy",
+    ),
+    "guards_code": (
+        lambda src, dst, marker: _tamper_program(src, dst, marker, "guards_code"),
+        r"models/model\.json holds guards code \(Python\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TAMPERINGS))
+def test_tampered_pt2_is_refused_in_one_line_before_torch_opens_it(
+    tmp_path: Path, clean_pt2: Path, kind: str
+) -> None:
+    tamper, message = TAMPERINGS[kind]
+    marker = tmp_path / "ran"
+    tampered = tamper(clean_pt2, tmp_path / "tampered.pt2", marker)
+    with pytest.raises(FmnistError, match=r"^model file .*tampered\.pt2: " + message) as error:
+        model = fmnist.load_model(str(tampered))
+        model(torch.zeros(2, 1, 28, 28))  # guards code would run here
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"just text\n"])
+def test_non_zip_file_named_pt2_is_refused(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "x.pt2").write_bytes(content)
+    with pytest.raises(FmnistError, match=r"x\.pt2: not a zip archive"):
+        fmnist.load_model(str(tmp_path / "x.pt2"))
+
+
+def test_pth_renamed_to_pt2_is_refused_as_pickled(tmp_path: Path) -> None:
+    save_model(_trained_like_model(), CONFIG, tmp_path / "model.pt2")
+    with pytest.raises(FmnistError, match=r"holds pickled objects \(data\.pkl\)"):
+        fmnist.load_model(str(tmp_path / "model.pt2"))
+
+
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "Symbol('s77', positive=True, integer=True)",
+        "Mul(Integer(784), Symbol('s77', positive=True, integer=True))",
+        "FloorDiv(Add(Symbol('s0', integer=True), Integer(-1)), Integer(2))",
+    ],
+)
+def test_shape_formulas_torch_writes_are_plain(formula: str) -> None:
+    assert pt2._plain_formula(formula)
+
+
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "__import__('os').system('true')",
+        "Symbol('s0').__class__",
+        "Integer(9) ** Integer(9) ** Integer(9)",
+        "Symbol('s0', **{'positive': True})",
+        "Symbol(open('x'))",
+        "lambda: 0",
+    ],
+)
+def test_other_shape_formulas_are_refused(formula: str) -> None:
+    assert not pt2._plain_formula(formula)
 
 
 def _run(model: torch.nn.Module, out: Path, **overrides) -> export.ExportResult:

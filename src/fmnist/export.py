@@ -4,8 +4,10 @@ Formats (file names inside the export folder):
 - `model.pth`  the project's model file (modelfile.save_model): tensors and plain types only,
   `torch.load(path, weights_only=True)` reads it, `fmnist.load_model(path)` rebuilds the model.
 - `weights.h5` the same weights as plain HDF5 (h5weights.py documents the layout).
-- `model.pt2`  a self-contained program (torch.export): runs without this package,
-  `torch.export.load(path).module()(x)`, x float32 (B, 1, 28, 28) raw 0..255 pixels, any B >= 1.
+- `model.pt2`  a self-contained program (torch.export) with no pickled member (pt2.py):
+  `fmnist.load_model(path)` checks the archive before torch opens it; x float32
+  (B, 1, 28, 28) raw 0..255 pixels, any B >= 1. Without this package,
+  `torch.export.load(path).module()(x)` runs it too, but runs whatever a tampered file holds.
 - `model.onnx` only with params export.onnx (needs the `onnx` extra); input `pixels`, output
   `logits`, dynamic batch.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import io
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ from fmnist.errors import FmnistError
 from fmnist.h5weights import save_h5
 from fmnist.inference import predict_logits
 from fmnist.modelfile import save_model
+from fmnist.pt2 import program_bytes
 
 FILES: dict[str, str] = {
     "pth": "model.pth",
@@ -103,8 +105,8 @@ def _dynamic_batch() -> tuple[dict[int, Any]]:
 def export_program(model: nn.Module, path: str | Path) -> None:
     """Write a torch.export program (.pt2) with a dynamic batch dimension, atomically.
 
-    Saved through a buffer: a path would put the (random) temporary file name into the
-    archive, and the same model would not give the same bytes.
+    The archive is checked before it is written: no pickled member, nothing fmnist.load_model
+    would refuse (pt2.check_archive).
     """
     try:
         program = torch.export.export(
@@ -112,10 +114,9 @@ def export_program(model: nn.Module, path: str | Path) -> None:
         )
     except Exception as exc:  # torch raises many types; say which format failed
         raise FmnistError(f"{path}: torch.export failed: {_first_line(exc)}") from None
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    data = program_bytes(program, path)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+        tmp.write_bytes(data)
 
 
 def export_onnx(model: nn.Module, path: str | Path) -> None:
@@ -157,15 +158,9 @@ def write_artifacts(
 def load_runner(fmt: str, path: str | Path) -> Runner:
     """Load a file the way its users would, as a function from uint8 images to logits."""
     path = Path(path)
-    if fmt in ("pth", "h5"):
+    if fmt in ("pth", "h5", "pt2"):
         model = load_model(path)
         return lambda images, batch_size: predict_logits(model, images, batch_size=batch_size)
-    if fmt == "pt2":
-        try:
-            module = torch.export.load(path).module()
-        except Exception as exc:
-            raise FmnistError(f"{path}: cannot load the program: {_first_line(exc)}") from None
-        return _batched(lambda x: module(torch.from_numpy(x)).detach().numpy())
     if fmt == "onnx":
         require_onnx()
         import onnxruntime
