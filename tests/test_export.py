@@ -13,6 +13,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -92,7 +93,7 @@ def test_h5_layout_is_readable_with_bare_h5py(tmp_path: Path) -> None:
         assert f["features/1/running_var"].dtype == np.float32
         attrs = f.attrs
         assert attrs["format"] == FORMAT
-        assert attrs["format_version"] == 1
+        assert attrs["format_version"] == 2
         assert json.loads(attrs["model_config"]) == CONFIG
         assert json.loads(attrs["state_dict_keys"]) == list(state)
         assert list(attrs["class_names"]) == list(CLASS_NAMES)
@@ -118,6 +119,22 @@ def test_truncated_h5_gives_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "cut.h5").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(FmnistError, match=r"cut\.h5: truncated HDF5 file$"):
         fmnist.load_model(str(tmp_path / "cut.h5"))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda config: {**config, "channels": [-4, 8]},
+    lambda config: {**config, "hidden": 10**12},
+    lambda config: {**config, "dropout": 0.3},  # valid, yet not what the weights were saved with
+])
+def test_h5_with_an_edited_model_config_is_refused_before_anything_is_built(
+    tmp_path: Path, edit: Any
+) -> None:
+    save_h5(_trained_like_model(), CONFIG, tmp_path / "weights.h5")
+    with h5py.File(tmp_path / "weights.h5", "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        f.attrs["model_config"] = json.dumps(edit(config), sort_keys=True)
+    with pytest.raises(FmnistError, match=r"weights\.h5: corrupt or edited \(config and weights"):
+        fmnist.load_model(str(tmp_path / "weights.h5"))
 
 
 def test_h5_with_altered_weights_is_refused(tmp_path: Path) -> None:
@@ -503,7 +520,7 @@ def test_export_stage_writes_files_and_reports(tmp_path: Path) -> None:
         "model.pth",
         "weights.h5",
     ]
-    metrics = json.loads((tmp_path / "reports" / "export" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "export" / "parity.json").read_text())
     timing = json.loads((tmp_path / "reports" / "export" / "timing.json").read_text())
     assert metrics["parity_ok"] is True and metrics["parity_samples"] == 30
     assert set(metrics["formats"]) == set(timing["formats"]) == {"pth", "h5", "pt2"}
@@ -518,9 +535,9 @@ def test_export_stage_writes_files_and_reports(tmp_path: Path) -> None:
         assert shipped.flip_tta is True
         np.testing.assert_allclose(predict_logits(shipped, images, batch_size=5), expected,
                                    atol=1e-5, rtol=0)
-    first = (tmp_path / "reports" / "export" / "metrics.json").read_bytes()
+    first = (tmp_path / "reports" / "export" / "parity.json").read_bytes()
     assert _stage(tmp_path).returncode == 0
-    assert (tmp_path / "reports" / "export" / "metrics.json").read_bytes() == first
+    assert (tmp_path / "reports" / "export" / "parity.json").read_bytes() == first
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fmnist.data") is None, reason="fmnist.data missing")

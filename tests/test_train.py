@@ -450,3 +450,26 @@ def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
     rows = (plots / "val/acc.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert json.loads(Path("reports/train/run.json").read_text())["quality"]["epochs"] == 3
+
+
+def test_checkpoint_with_right_fingerprint_but_wrong_tensors_starts_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "train.ckpt"
+    params = tiny_params(epochs=2)
+    with pytest.raises(_Stop):
+        fit(DATA, params, checkpoint_path=checkpoint, progress=False,
+            on_epoch_end=lambda epoch, stats: _stop_after_first(epoch))
+    state = torch.load(checkpoint, weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(3, 3)  # the fingerprint still matches
+    torch.save(state, checkpoint)
+    capsys.readouterr()
+
+    resumed = fit(DATA, params, checkpoint_path=checkpoint, progress=False)
+    message = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} does not fit this run" in message
+    assert "starting fresh" in message and "Traceback" not in message
+    fresh = fit(DATA, params, progress=False)
+    assert _same_weights(resumed.model, fresh.model)
+    assert _quality(resumed.history) == _quality(fresh.history)

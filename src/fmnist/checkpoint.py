@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmnist.atomic import atomic_path
+from fmnist.atomic import write_bytes
+from fmnist.modelfile import torch_bytes
 
 FORMAT = "fmnist-train-checkpoint"
 FORMAT_VERSION = 1
@@ -47,8 +48,9 @@ def save_checkpoint(path: str | Path, fingerprint: str, state: dict[str, Any]) -
     """Write {format, fingerprint, **state} atomically: a kill mid-write keeps the previous one."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint}
     payload.update(state)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Serialized in memory first: torch.save meeting a full disk raises a RuntimeError that
+    # names no file; a plain write raises the OSError that `atomic` turns into one line.
+    write_bytes(path, torch_bytes(payload))
 
 
 def load_checkpoint(path: str | Path, fingerprint: str) -> dict[str, Any] | None:
@@ -75,6 +77,12 @@ def load_checkpoint(path: str | Path, fingerprint: str) -> dict[str, Any] | None
         _say("checkpoint from other params, data or code, starting fresh")
         return None
     return payload
+
+
+def discard_checkpoint(path: str | Path, why: str) -> None:
+    """A checkpoint that passed the fingerprint check yet cannot be restored: say so, delete."""
+    _say(f"checkpoint {path} does not fit this run ({why}), starting fresh")
+    remove_checkpoint(path)
 
 
 def remove_checkpoint(path: str | Path) -> None:

@@ -1,6 +1,6 @@
 """The model's weights as plain HDF5, readable with h5py alone, loadable by fmnist.load_model.
 
-Layout (format "fmnist-weights-h5", version 1):
+Layout (format "fmnist-weights-h5", version 2):
 
 - Every tensor of the model's state_dict (parameters and buffers, BatchNorm running statistics
   and `num_batches_tracked` included) is one dataset. Its state_dict key is split at the last
@@ -17,8 +17,10 @@ Layout (format "fmnist-weights-h5", version 1):
   `normalization_mean` 0.5, `normalization_std` 0.5, `normalization` (the formula: the model's
   first layer computes (x / 255 - 0.5) / 0.5, so feed raw pixels), `dtype` "float32",
   `torch_version`, `h5py_version`, `hdf5_version`, `fmnist_version`, and `weights_sha256`
-  (SHA-256 over, key by key in `state_dict_keys` order: the key, dtype, shape and the raw
-  little-endian bytes; see `weights_digest`) so a damaged file is refused, not half-loaded.
+  (SHA-256 over the `model_config` JSON text, the `class_names` as a JSON list, then key by key
+  in `state_dict_keys` order: the key, dtype, shape and the raw little-endian bytes; see
+  `weights_digest`) so a damaged or edited file is refused, not half-loaded. Version 1 files
+  (whose checksum left the config out) are refused: re-export them.
 
 No timestamps are stored (track_times=False), so the same weights give the same bytes.
 """
@@ -43,7 +45,7 @@ from fmnist.model import model_config
 from fmnist.modelfile import model_from_payload, plain_state_dict
 
 FORMAT = "fmnist-weights-h5"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NORMALIZATION_FORMULA = (
     "x = (pixel / 255 - 0.5) / 0.5, computed by the model's first layer: feed raw 0..255 pixels"
 )
@@ -54,9 +56,14 @@ def dataset_path(key: str) -> str:
     return key.replace(".", "/")
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors, in order: detects damage that HDF5 itself does not."""
+def weights_digest(
+    state: dict[str, torch.Tensor], config_text: str, class_names: list[str]
+) -> str:
+    """SHA-256 of the config, the class names and the tensors in order: detects damage that
+    HDF5 itself does not, and an edited config (which decides what gets built) too."""
     digest = hashlib.sha256()
+    digest.update(f"model_config|{config_text}|".encode())
+    digest.update(f"class_names|{json.dumps(class_names)}|".encode())
     for key, tensor in state.items():
         array = np.ascontiguousarray(tensor.numpy())
         header = f"{key}|{array.dtype.str}|{list(array.shape)}|"
@@ -72,7 +79,8 @@ def save_h5(model: nn.Module, config: dict[str, Any], path: str | Path) -> None:
     with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="earliest") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["model_config"] = json.dumps(model_config(config), sort_keys=True)
+        config_text = json.dumps(model_config(config), sort_keys=True)
+        f.attrs["model_config"] = config_text
         f.attrs["state_dict_keys"] = json.dumps(list(state))
         f.attrs.create("class_names", np.array(CLASS_NAMES, dtype=object), dtype=strings)
         f.attrs["input_shape"] = np.array(INPUT_SHAPE, dtype=np.int64)
@@ -86,7 +94,7 @@ def save_h5(model: nn.Module, config: dict[str, Any], path: str | Path) -> None:
         f.attrs["h5py_version"] = h5py.__version__
         f.attrs["hdf5_version"] = h5py.version.hdf5_version
         f.attrs["fmnist_version"] = __version__
-        f.attrs["weights_sha256"] = weights_digest(state)
+        f.attrs["weights_sha256"] = weights_digest(state, config_text, list(CLASS_NAMES))
         for key, tensor in state.items():
             f.create_dataset(dataset_path(key), data=tensor.numpy(), track_times=False)
 
@@ -121,7 +129,8 @@ def _read_open_file(f: h5py.File, path: Path) -> dict[str, Any]:
             f"model file {path}: format version {version} (this fmnist reads {FORMAT_VERSION})"
         )
     try:
-        config = json.loads(_text(f.attrs["model_config"]))
+        config_text = _text(f.attrs["model_config"])
+        config = json.loads(config_text)
         keys = json.loads(_text(f.attrs["state_dict_keys"]))
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise FmnistError(f"model file {path}: unreadable metadata ({exc})") from None
@@ -133,14 +142,17 @@ def _read_open_file(f: h5py.File, path: Path) -> dict[str, Any]:
         if not isinstance(node, h5py.Dataset):
             raise FmnistError(f"model file {path}: dataset {dataset_path(str(key))} missing")
         state[key] = torch.from_numpy(np.array(node[()]))
-    if _text(f.attrs.get("weights_sha256")) != weights_digest(state):
-        raise FmnistError(f"model file {path}: corrupt weights (checksum mismatch)")
+    class_names = [_text(name) for name in f.attrs.get("class_names", CLASS_NAMES)]
+    if _text(f.attrs.get("weights_sha256")) != weights_digest(state, config_text, class_names):
+        raise FmnistError(
+            f"model file {path}: corrupt or edited (config and weights checksum mismatch)"
+        )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_config": config,
         "state_dict": state,
-        "class_names": [_text(name) for name in f.attrs.get("class_names", CLASS_NAMES)],
+        "class_names": class_names,
         "normalization": {
             "mean": float(f.attrs.get("normalization_mean", NORM_MEAN)),
             "std": float(f.attrs.get("normalization_std", NORM_STD)),

@@ -9,6 +9,7 @@ a swallowed interrupt can no longer let a stage publish its outputs and exit 0.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -34,6 +35,21 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in HANDLED:
             signal.signal(signum, _handle)
+        sys.unraisablehook = _quiet_about_interrupts(sys.unraisablehook)
+
+
+def _quiet_about_interrupts(hook):  # noqa: ANN001, ANN202 - sys.unraisablehook's own type
+    """No "Exception ignored in ..." traceback for an interrupt a finalizer swallowed: it is
+    recorded, and `check()` raises it again where it can stop the stage."""
+    if getattr(hook, "quiet_about_interrupts", False):
+        return hook
+
+    def quiet(unraisable: object) -> None:
+        if not isinstance(getattr(unraisable, "exc_value", None), Interrupted):
+            hook(unraisable)
+
+    quiet.quiet_about_interrupts = True  # type: ignore[attr-defined]
+    return quiet
 
 
 def _handle(signum: int, _frame: FrameType | None) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fmnist import signals
 from fmnist.accel import (
     Backend,
     describe,
@@ -29,7 +30,13 @@ from fmnist.accel import (
     select_backend,
     unwrap,
 )
-from fmnist.checkpoint import array_digest, fingerprint, load_checkpoint, save_checkpoint
+from fmnist.checkpoint import (
+    array_digest,
+    discard_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fmnist.data import BatchIterator, Prepared, Split, augment_batch
 from fmnist.distributed import DistContext, rank_seed, single_process
 from fmnist.ema import WeightAverage
@@ -47,6 +54,9 @@ EVAL_BATCH_SIZE = 1000
 # with the shuffling generators (seed + epoch).
 AUGMENT_SEED_OFFSET = 1_000_003
 PER_BATCH_SCHEDULES = ("onecycle", "cosine")
+# What loading a checkpoint's state into freshly built objects raises when the state does not
+# fit them (missing keys, other shapes or types).
+UNRESTORABLE = (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -231,6 +241,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(bar):
+        signals.check()  # an interrupt a finalizer swallowed still stops training here
         x = augment_batch(
             x, flip=augment["flip"], crop_padding=augment["crop_padding"], generator=generator
         )
@@ -367,8 +378,17 @@ def fit(
             load_checkpoint(checkpoint_path, run_id) if dist.is_main else None
         )
         if state is not None:
-            history = restore(state, model, optimizer, scheduler, generators, rank=dist.rank,
-                              ema=ema)
+            try:
+                history = restore(state, model, optimizer, scheduler, generators,
+                                  rank=dist.rank, ema=ema)
+            except UNRESTORABLE as exc:  # right fingerprint, wrong tensors: tampered or a bug
+                # A failed load_state_dict may have half-filled the model: build all anew.
+                if dist.is_main:
+                    discard_checkpoint(checkpoint_path, _one_line(exc))
+                dist.barrier()
+                return fit(data, params, epochs=epochs, train_subset=train_subset,
+                           on_epoch_end=on_epoch_end, checkpoint_path=checkpoint_path,
+                           live=live, progress=progress, dist=dist)
             if dist.is_main:
                 print(f"train: resuming after epoch {len(history)} from {checkpoint_path}",
                       file=sys.stderr, flush=True)
@@ -535,3 +555,10 @@ def timing_summary(history: list[dict[str, float]], wall_seconds: float) -> dict
         "images_per_s_mean": float(np.mean(rates)) if rates else 0.0,
         "images_per_s_median": float(np.median(rates)) if rates else 0.0,
     }
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """torch's load errors span lines ("Error(s) in loading state_dict...:\n\tsize mismatch")."""
+    text = " ".join(str(exc).split())
+    text = text if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

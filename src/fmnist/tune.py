@@ -218,8 +218,16 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                                               heartbeat_interval=HEARTBEAT_S,
                                               grace_period=GRACE_S)
     except Exception as exc:  # noqa: BLE001 - driver and connection errors vary by database
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FmnistError(f"tune.storage {safe_url(url)}: cannot open: {message}") from None
+        raise FmnistError(f"tune.storage {safe_url(url)}: cannot open: {_problem(exc)}") from None
+
+
+def _problem(exc: BaseException) -> str:
+    """The first line of a storage error, with SQLite's full-disk code said the usual way."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if "database or disk is full" in line:  # SQLITE_FULL
+        return f"No space left on device ({line})"
+    return line
 
 
 def make_sampler(tune: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
@@ -407,11 +415,9 @@ def run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path =
     try:
         return _run_study(data, params, study_dir=study_dir, pruner=pruner, progress=progress)
     except optuna.exceptions.StorageInternalError as exc:  # read-only folder, full disk
-        cause = exc.__cause__ or exc
-        text = str(cause).strip()
-        message = text.splitlines()[0] if text else type(cause).__name__
         url = safe_url(storage_url(params["tune"]["storage"], study_dir))
-        raise FmnistError(f"tune.storage {url}: cannot write the study: {message}") from None
+        problem = _problem(exc.__cause__ or exc)
+        raise FmnistError(f"tune.storage {url}: cannot write the study: {problem}") from None
 
 
 def _run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path,

@@ -1,0 +1,218 @@
+"""Every stage, attacked the way machines fail: a full disk, a read-only checkout, Ctrl-C and
+SIGTERM. Each must end with one line and its exit code, remove its temporary files, and leave
+the previous outputs exactly as they were.
+
+The stage scripts run for real on a slice of the real data in a project copy; the full disk is
+a small tmpfs filled up, the read-only checkout a tmpfs remounted read-only (both need root's
+mount; the tests skip without it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
+STAGES = ("download", "preprocess", "train", "tune", "evaluate", "export")
+SLICE = {
+    "data": {"sources": [str(DEBIAN_DATA)]},
+    "preprocess": {"train_subset": 500},
+    "train": {"epochs": 1, "batch_size": 128, "threads": 1},
+    "tune": {"trials": 2, "epochs": 1, "train_subset": 200},
+    "export": {"parity_samples": 50},
+}
+FREE_BYTES = 64 * 1024  # a write fails mid-way, not at the first byte
+TIMEOUT_S = 300
+
+pytestmark = pytest.mark.skipif(
+    not DEBIAN_DATA.is_dir(),
+    reason="needs the Debian package dataset-fashion-mnist (bash scripts/install.sh)",
+)
+
+
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    probe = Path(f"/tmp/fmnist-mount-probe-{uuid.uuid4().hex}")
+    probe.mkdir()
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)],
+                            capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["umount", str(probe)], check=True)
+        return ok
+    finally:
+        probe.rmdir()
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount (tmpfs)")
+
+
+def _update(target: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            _update(target[key], value)
+        else:
+            target[key] = value
+
+
+def _stage(cwd: Path, name: str, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _run_stage(cwd: Path, name: str) -> tuple[int, str]:
+    proc = _stage(cwd, name)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    return proc.returncode, err
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    """Every file a stage publishes (checkpoints/ is resume state, not an output)."""
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for top in ("data", "models", "reports", "export")
+        for path in sorted((root / top).rglob("*"))
+        if path.is_file()
+    }
+
+
+def _leftovers(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _assert_one_line_failure(name: str, err: str, expected: str) -> None:
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{name}: ") and expected in last, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project copy after one successful run of every stage on a slice of the data."""
+    root = tmp_path_factory.mktemp("failures") / "project"
+    shutil.copytree(REPO / "stages", root / "stages")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    _update(params, SLICE)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in STAGES:
+        code, err = _run_stage(root, name)
+        assert code == 0, f"{name}: {err[-3000:]}"
+    return root
+
+
+@contextmanager
+def _tmpfs_copy(project: Path, *, free: int | None = None, read_only: bool = False
+                ) -> Iterator[Path]:
+    """The project (less checkpoints/) on its own tmpfs, then filled to `free` bytes or
+    remounted read-only."""
+    mount = Path(f"/tmp/fmnist-tmpfs-{uuid.uuid4().hex}")
+    mount.mkdir()
+    size = sum(p.stat().st_size for p in project.rglob("*") if p.is_file()) + (32 << 20)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        copy = mount / "project"
+        # Without its finished study, tune has a new one to write.
+        shutil.copytree(project, copy, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+        if free is not None:
+            _fill(mount / "filler", free)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield copy
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        mount.rmdir()
+
+
+def _fill(path: Path, free: int) -> None:
+    """Write zeros until the disk is full, then give back what leaves `free` bytes free."""
+    chunk = b"\0" * (1 << 16)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+    stats = os.statvfs(path.parent)
+    available = stats.f_bavail * stats.f_frsize
+    if free > available:
+        os.truncate(path, path.stat().st_size - (free - available))
+
+
+@needs_mount
+@pytest.mark.parametrize("name", STAGES)
+def test_full_disk_is_one_line_and_keeps_the_previous_outputs(project: Path, name: str) -> None:
+    with _tmpfs_copy(project, free=FREE_BYTES) as copy:
+        before = _outputs(copy)
+        code, err = _run_stage(copy, name)
+        assert code == 1, err[-3000:]
+        _assert_one_line_failure(name, err, "No space left on device")
+        assert _leftovers(copy) == []
+        assert _outputs(copy) == before
+
+
+@needs_mount
+@pytest.mark.parametrize("name", STAGES)
+def test_read_only_checkout_is_one_line_and_changes_nothing(project: Path, name: str) -> None:
+    with _tmpfs_copy(project, read_only=True) as copy:
+        before = _outputs(copy)
+        code, err = _run_stage(copy, name)
+        assert code == 1, err[-3000:]
+        _assert_one_line_failure(name, err, "Read-only file system")
+        assert _outputs(copy) == before
+
+
+def _wait_for(paths: Iterator[Path] | object, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(paths()):  # type: ignore[operator]
+            return
+        assert proc.poll() is None, f"the stage ended before {what}: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(("name", "staging", "delay"), [
+    ("download", "data/.raw.*.tmp", 0.0),
+    ("preprocess", "data/.prepared.*.tmp", 0.0),
+    ("preprocess", "data/.prepared.*.tmp", 0.2),
+    ("preprocess", "data/.prepared.*.tmp", 0.4),
+    ("train", "checkpoints/train.ckpt", 0.0),
+    ("evaluate", "reports/.evaluate.*.tmp", 0.2),
+])
+def test_signal_ends_the_stage_with_its_code_and_leaves_the_previous_outputs(
+    project: Path, tmp_path: Path, name: str, staging: str, delay: float, signum: int
+) -> None:
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    if name == "train":  # long enough to be caught after its first checkpoint
+        params = yaml.safe_load((copy / "params.yaml").read_text())
+        params["train"]["epochs"] = 4
+        (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = _outputs(copy)
+    proc = _stage(copy, name)
+    _wait_for(lambda: copy.glob(staging), proc, staging)
+    time.sleep(delay)
+    assert proc.poll() is None, "the stage ended before the signal: make it longer"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    _assert_one_line_failure(name, err, f"interrupted ({signal.Signals(signum).name})")
+    assert _leftovers(copy) == []
+    assert _outputs(copy) == before
