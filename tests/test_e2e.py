@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from test_plots_browser import CHROMIUM, browser_dom, drawn_plots, plot_ids
 
 from fmnist.constants import PREPARED_FILE
 
@@ -61,6 +62,10 @@ def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+# Made by scripts/install.sh, ignored by git, needed by the pipeline's `dvc plots`.
+GENERATED_FILES = ["scripts/plots/offline.html"]
+
+
 def _project_files() -> list[str]:
     """Tracked and untracked-but-not-ignored files: what a commit of the work tree would hold."""
     out = subprocess.run(
@@ -82,9 +87,10 @@ def _ran_stages(output: str) -> set[str]:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the project in a new git repository, after a first complete `dvc repro`."""
     repo = tmp_path_factory.mktemp("e2e") / "project"
-    for name in _project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    for name in [*_project_files(), *GENERATED_FILES]:
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     _deep_update(params, SMALL_SLICE)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -119,10 +125,10 @@ def test_repro_writes_every_declared_output(pipeline: Path) -> None:
         "export/model.pth",
         "export/weights.h5",
         "export/model.pt2",
-        "reports/export/metrics.json",
+        "reports/export/parity.json",
     ]:
         assert (pipeline / path).is_file(), path
-    export = json.loads((pipeline / "reports/export/metrics.json").read_text())
+    export = json.loads((pipeline / "reports/export/parity.json").read_text())
     assert export["parity_ok"] in (True, 1)
 
 
@@ -147,8 +153,8 @@ def test_second_repro_changes_nothing(pipeline: Path) -> None:
 
 
 QUALITY_FILES = ("reports/train/metrics.json", "reports/evaluate/metrics.json",
-                 "reports/export/metrics.json")
-TIMING_FILES = ("reports/train/timing.json", "reports/export/timing.json")
+                 "reports/export/parity.json")
+TIMING_FILES = ("reports/train/timing.json",)
 
 
 def test_forced_rerun_gives_byte_identical_quality_metrics(pipeline: Path) -> None:
@@ -206,6 +212,84 @@ def test_exp_run_with_new_rho_reruns_only_downstream_and_diff_shows_it(pipeline:
     assert "reports/evaluate/metrics.json" in diff.stdout
     params_diff = _run(pipeline, "dvc", "params", "diff")
     assert "train.rho" in params_diff.stdout
+
+
+def _outputs(repo: Path) -> dict[str, bytes]:
+    """Every file the stages publish."""
+    return {
+        path.relative_to(repo).as_posix(): path.read_bytes()
+        for top in ("data", "models", "reports", "export")
+        for path in sorted((repo / top).rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_failed_repro_keeps_every_previous_output(pipeline: Path, tmp_path: Path) -> None:
+    """DVC deletes a stage's outputs before running it unless they are `persist: true`; the
+    stages then publish all or nothing, so a failure leaves the last good result."""
+    params_file = pipeline / "params.yaml"
+    committed = params_file.read_text()
+    before = _outputs(pipeline)
+
+    def edited(section: str, key: str, value: object) -> str:
+        params = yaml.safe_load(committed)
+        params[section][key] = value
+        return yaml.safe_dump(params, sort_keys=False)
+
+    cases = [  # (params.yaml, command, the stage that must still show as changed)
+        (edited("train", "rho", -1), ("dvc", "repro", "train"), "train"),
+        (edited("data", "sources", [str(tmp_path / "nowhere")]), ("dvc", "repro", "download"),
+         "download"),
+        ("", ("dvc", "repro", "preprocess"), None),
+    ]
+    env = {**os.environ, **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+           f"{os.environ['PATH']}"}
+    try:
+        for text, command, stage in cases:
+            params_file.write_text(text)
+            proc = subprocess.run(command, cwd=pipeline, env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode != 0, (text, proc.stdout)
+            assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+            assert _outputs(pipeline) == before, f"{' '.join(command)} changed outputs"
+            if stage is not None:
+                assert f"{stage}:" in _run(pipeline, "dvc", "status", stage).stdout
+    finally:
+        params_file.write_text(committed)
+    assert "up to date" in _run(pipeline, "dvc", "status").stdout
+
+
+def test_exp_show_lists_at_most_15_metrics_all_numbers(pipeline: Path) -> None:
+    shown = json.loads(_run(pipeline, "dvc", "exp", "show", "--json").stdout)
+    files = shown[0]["data"]["metrics"]
+    leaves = {}
+    for path, content in files.items():
+        stack = [(path, content["data"])]
+        while stack:
+            prefix, value = stack.pop()
+            if isinstance(value, dict):
+                stack += [(f"{prefix}:{key}", item) for key, item in value.items()]
+            else:
+                leaves[prefix] = value
+    assert 8 <= len(leaves) <= 15, sorted(leaves)
+    strings = {k: v for k, v in leaves.items() if not isinstance(v, (int, float))
+               or isinstance(v, bool)}
+    assert strings == {}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: scripts/install.sh --test installs it")
+@pytest.mark.skipif(not (REPO / GENERATED_FILES[0]).is_file(),
+                    reason="no offline plot template: run scripts/install.sh")
+@pytest.mark.parametrize("command", [("show",), ("diff", "HEAD")], ids=["show", "diff"])
+def test_every_pipeline_plot_draws_offline_in_a_browser(
+    pipeline: Path, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    out = tmp_path / "dvc_plots"
+    _run(pipeline, "dvc", "plots", *command, "-o", str(out))
+    page = out / "index.html"
+    ids = plot_ids(page)
+    assert len(ids) >= 10, ids  # roc, confusion, per-class, 4 training curves, 3 tune plots
+    assert drawn_plots(browser_dom(page, tmp_path / "profile"), ids) == ids
 
 
 def test_plots_show_renders_roc_and_confusion(pipeline: Path) -> None:
