@@ -19,6 +19,7 @@ def main(params: dict[str, Any]) -> None:
             val_fraction=cfg["val_fraction"],
             train_subset=cfg["train_subset"],
             seed=params["seed"],
+            label_noise=cfg["label_noise"],
         )
     print("preprocess: " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()))
 

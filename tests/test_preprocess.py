@@ -215,3 +215,30 @@ def test_too_small_a_val_share_is_an_error_not_an_empty_split(tmp_path: Path) ->
     with pytest.raises(FmnistError, match="val"):
         prepare(raw, tmp_path / "p.h5", val_fraction=0.001, train_subset=None, seed=0)
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_label_noise_moves_exactly_that_fraction_of_train_labels_to_other_classes(
+    raw: Path, tmp_path: Path
+) -> None:
+    prepare(raw, tmp_path / "clean.h5", val_fraction=0.1, train_subset=None, seed=3)
+    prepare(raw, tmp_path / "noisy.h5", val_fraction=0.1, train_subset=None, seed=3,
+            label_noise=0.4)
+    clean, noisy = _read(tmp_path / "clean.h5"), _read(tmp_path / "noisy.h5")
+    for split in ("train", "val", "test"):  # same images, same order
+        np.testing.assert_array_equal(clean[split][0], noisy[split][0])
+    for split in ("val", "test"):  # evaluation stays clean
+        np.testing.assert_array_equal(clean[split][1], noisy[split][1])
+    changed = clean["train"][1] != noisy["train"][1]
+    assert changed.sum() == round(0.4 * 270)  # never "flipped" to the same class
+    assert noisy["train"][1].min() >= 0 and noisy["train"][1].max() < 10
+    with h5py.File(tmp_path / "noisy.h5", "r") as file:
+        assert file.attrs["label_noise"] == 0.4 and file.attrs["labels_flipped"] == 108
+    prepare(raw, tmp_path / "other.h5", val_fraction=0.1, train_subset=None, seed=3,
+            label_noise=0.4)
+    assert (tmp_path / "other.h5").read_bytes() == (tmp_path / "noisy.h5").read_bytes()
+    prepare(raw, tmp_path / "seed4.h5", val_fraction=0.1, train_subset=None, seed=4,
+            label_noise=0.4)
+    clean4 = prepare(raw, tmp_path / "clean4.h5", val_fraction=0.1, train_subset=None, seed=4)
+    assert clean4 == {"train": 270, "val": 30, "test": 50}
+    moved4 = _read(tmp_path / "seed4.h5")["train"][1] != _read(tmp_path / "clean4.h5")["train"][1]
+    assert moved4.sum() == 108 and not np.array_equal(moved4, changed)

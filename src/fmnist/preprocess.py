@@ -15,6 +15,9 @@ from fmnist.constants import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, RAW_FILES
 from fmnist.errors import FmnistError
 from fmnist.idx import read_idx
 
+# The label-noise generator's stream: seeded with the run's seed but never the split's stream.
+LABEL_NOISE_STREAM = 7
+
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of n examples whose class counts are proportional (each within 1)."""
@@ -68,6 +71,20 @@ def _load_pair(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+def with_label_noise(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, int]:
+    """(labels with round(fraction * n) of them, chosen with `seed`, moved to a uniformly drawn
+    *other* class, how many): symmetric noise whose rate is exactly the fraction asked for."""
+    count = round(fraction * len(labels))
+    if count == 0:
+        return labels, 0
+    rng = np.random.default_rng([seed, LABEL_NOISE_STREAM])
+    chosen = rng.choice(len(labels), size=count, replace=False)
+    noisy = labels.copy()
+    shift = rng.integers(1, NUM_CLASSES, size=count)  # 1..9: never the true class
+    noisy[chosen] = (labels[chosen] + shift) % NUM_CLASSES
+    return noisy, count
+
+
 def prepare(
     raw_dir: str | Path,
     out_path: str | Path,
@@ -75,6 +92,7 @@ def prepare(
     val_fraction: float,
     train_subset: int | None,
     seed: int,
+    label_noise: float = 0.0,
 ) -> dict[str, int]:
     """Write the prepared HDF5 atomically; returns the split sizes."""
     raw_dir = Path(raw_dir)
@@ -90,8 +108,9 @@ def prepare(
     if train_subset is not None and train_subset < len(train_idx):
         keep = stratified_indices(train_labels[train_idx], train_subset, seed)
         train_idx = train_idx[keep]
+    noisy_labels, flipped = with_label_noise(train_labels[train_idx], label_noise, seed)
     splits = {
-        "train": (train_images[train_idx], train_labels[train_idx]),
+        "train": (train_images[train_idx], noisy_labels),
         "val": (train_images[val_idx], train_labels[val_idx]),
         "test": (test_images, test_labels),
     }
@@ -102,6 +121,8 @@ def prepare(
         "seed": seed,
         "val_fraction": val_fraction,
         "train_subset": -1 if train_subset is None else train_subset,
+        "label_noise": label_noise,
+        "labels_flipped": flipped,
     }
     # Built in memory, then written by Python: h5py meeting a full disk mid-write can crash
     # the interpreter, a plain write fails with an OSError that names the file.
