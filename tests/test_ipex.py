@@ -51,6 +51,7 @@ SGD_SAM = {
     "optimizer": "sam",
     "rho": 0.05,
     "adaptive": False,
+    "asam_eta": 0.01,
     "lr": 0.05,
     "momentum": 0.9,
     "nesterov": True,

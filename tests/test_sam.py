@@ -83,13 +83,31 @@ def test_global_norm_and_per_group_rho_on_a_quadratic_by_hand() -> None:
     assert torch.allclose(b, torch.tensor([2 - 0.48, 4 - 0.96], dtype=torch.float64), atol=1e-12)
 
 
-def test_asam_perturbation_by_hand() -> None:
+def test_asam_perturbation_by_hand_with_eta_zero() -> None:
     w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
-    opt = SAM([w], rho=0.5, adaptive=True, lr=0.1)
+    opt = SAM([w], rho=0.5, adaptive=True, eta=0.0, lr=0.1)
     (w * torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64)).sum().backward()  # g = (3, 2, 0)
     opt.first_step()
     # |w| g = (3, 4, 0), norm 5; e = rho w^2 g / 5 = 0.5 (3, 8, 0) / 5 = (0.3, 0.8, 0)
     assert torch.allclose(w, torch.tensor([1.3, -1.2, 0.5], dtype=torch.float64), atol=1e-12)
+
+
+def test_asam_eta_perturbs_zero_weights_as_kwon_et_al_write_it() -> None:
+    """e(w) = rho T^2 g / ||T g||, T = |w| + eta (ASAM, Kwon et al. 2021, eq. 11)."""
+    w = nn.Parameter(torch.tensor([1.5, -0.5, 0.0], dtype=torch.float64))
+    opt = SAM([w], rho=0.5, adaptive=True, eta=0.5, lr=0.1)
+    (w * torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)).sum().backward()  # g = (1, 2, 4)
+    opt.first_step()
+    # T = (2, 1, 0.5), T g = (2, 2, 2), ||T g|| = sqrt(12); T^2 g = (4, 2, 1)
+    e = 0.5 * torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64) / 12**0.5
+    assert torch.allclose(w, torch.tensor([1.5, -0.5, 0.0], dtype=torch.float64) + e,
+                          atol=1e-12)
+    assert w[2] > 0.14  # the zero weight moved: with eta = 0 it could not
+
+
+def test_asam_default_eta_is_the_papers() -> None:
+    w = nn.Parameter(torch.zeros(2))
+    assert SAM([w], adaptive=True, lr=0.1).param_groups[0]["eta"] == 0.01
 
 
 def test_rho_zero_matches_sgd_bit_for_bit() -> None:

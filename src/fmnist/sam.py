@@ -39,7 +39,12 @@ class SAM(torch.optim.Optimizer):
     only a plain SGD, never a wrapper); SAM then drives that instance's param groups, and
     `params` should be the same parameters. Either way `self.param_groups` *is* the base
     optimizer's list, so an LR scheduler on SAM changes the lr the base optimizer uses.
-    `rho` and `adaptive` (ASAM) may differ per param group.
+    `rho`, `adaptive` and `eta` may differ per param group.
+
+    `adaptive` is ASAM (Kwon et al., ICML 2021): the neighbourhood is scaled element-wise by
+    T = |w| + eta, so e(w) = rho T^2 g / ||T g||. `eta` (the paper's 0.01) keeps zero-valued
+    weights perturbed. Unlike the paper, which leaves biases unscaled, T applies to every
+    parameter (SAM sees tensors, not names). ASAM's rho is of order 0.5-2, not SAM's 0.05.
     """
 
     def __init__(
@@ -48,11 +53,14 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.SGD,
         rho: float = 0.05,
         adaptive: bool = False,
+        eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
         if rho < 0:
             raise ValueError(f"SAM: rho must be >= 0, got {rho}")
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
+        if eta < 0:
+            raise ValueError(f"SAM: eta must be >= 0, got {eta}")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -71,11 +79,13 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])
+            group.setdefault("eta", self.defaults["eta"])
         self.defaults.update(self.base_optimizer.defaults)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to w + e(w), e(w) = rho g/||g|| (ASAM: rho w^2 g/||w g||), keeping w to restore."""
+        """Move to w + e(w), e(w) = rho g/||g|| (ASAM: rho T^2 g/||T g||, T = |w| + eta),
+        keeping w to restore."""
         if self._perturbed:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         grad_norm = self._grad_norm()
@@ -90,7 +100,7 @@ class SAM(torch.optim.Optimizer):
                 if usable:
                     e_w = _wide(p.grad) * scale
                     if group["adaptive"]:
-                        e_w = e_w * _wide(p).square()
+                        e_w = e_w * _asam_scale(p, group["eta"]).square()
                     p.add_(e_w.to(p.dtype))
         self._perturbed = True
         if zero_grad:
@@ -139,7 +149,7 @@ class SAM(torch.optim.Optimizer):
                     continue
                 g = _wide(p.grad)
                 if group["adaptive"]:
-                    g = g * _wide(p).abs()
+                    g = g * _asam_scale(p, group["eta"])
                 norms.append(torch.linalg.vector_norm(g))
         if not norms:
             return torch.zeros(())
@@ -153,6 +163,11 @@ class SAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         self._share_param_groups()  # loading replaced the base optimizer's group list
+
+
+def _asam_scale(p: torch.Tensor, eta: float) -> torch.Tensor:
+    """ASAM's T = |w| + eta, element-wise, in at least float32."""
+    return _wide(p).abs() + eta
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

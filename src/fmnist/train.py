@@ -102,7 +102,8 @@ def build_optimizer(
     model, base = prepare_training(model, base, backend)
     if train["optimizer"] == "sgd":
         return model, base
-    optimizer = SAM(model.parameters(), base, rho=train["rho"], adaptive=train["adaptive"])
+    optimizer = SAM(model.parameters(), base, rho=train["rho"], adaptive=train["adaptive"],
+                    eta=train["asam_eta"])
     return model, optimizer
 
 
