@@ -1,8 +1,10 @@
 """Stage export: models/model.pth -> export/{model.pth,weights.h5,model.pt2[,model.onnx]}.
 
-Each file is reloaded and must reproduce the trained model's logits on test images; the
-parity results go to reports/export/parity.json, inference speed to timing.json. export/ is
-published first, then reports/export/, each folder all at once.
+The shipped config carries evaluate.flip_tta and the temperature evaluate fitted on the
+validation split (reports/evaluate/calibration.json), so `fmnist predict` prints calibrated
+probabilities. Each file is reloaded and must reproduce the trained model's logits on test
+images; the parity results go to reports/export/parity.json, inference speed to timing.json.
+export/ is published first, then reports/export/, each folder all at once.
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from fmnist.atomic import publish_dir, write_json
-from fmnist.constants import EXPORT_DIR, EXPORT_REPORT_DIR, MODEL_FILE, PREPARED_FILE
+from fmnist.calibration import read_temperature
+from fmnist.constants import (
+    CALIBRATION_FILE,
+    EXPORT_DIR,
+    EXPORT_REPORT_DIR,
+    MODEL_FILE,
+    PREPARED_FILE,
+)
 from fmnist.data import load_prepared
 from fmnist.export import require_onnx, run_export
 from fmnist.model import shipped_config
@@ -24,7 +33,7 @@ def main(params: dict[str, Any]) -> None:
         require_onnx()  # fail before any work
     payload = read_model_file(MODEL_FILE)
     payload["model_config"] = shipped_config(
-        payload["model_config"], params["evaluate"]["flip_tta"]
+        payload["model_config"], params["evaluate"]["flip_tta"], read_temperature(CALIBRATION_FILE)
     )
     model = model_from_payload(payload, MODEL_FILE)
     images = load_prepared(PREPARED_FILE).test.images[: p["parity_samples"]]

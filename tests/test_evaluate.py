@@ -241,6 +241,10 @@ def test_run_writes_every_output_with_all_metric_keys(
         assert isinstance(details[key], float), key
     assert details["n_samples"] == 120 and details["backend"]["dtype"] == "float32"
     assert "per_class" not in details and not set(details) & set(saved)
+    # the temperature fitted on the validation split, for export to ship
+    calibration_file = json.loads((out / "calibration.json").read_text())
+    assert calibration_file["temperature"] == details["temperature"] > 0
+    assert saved["ece_calibrated"] <= saved["ece"] + 0.05
     assert not any("second" in key or "per_s" in key for key in _flat_keys(details))
     # per-class numbers: a DVC plot, one row per class in class order.
     rows = json.loads((out / PER_CLASS_PLOT).read_text())

@@ -22,7 +22,7 @@ import torch
 
 import fmnist
 from fmnist import export, pt2
-from fmnist.constants import CLASS_NAMES
+from fmnist.constants import CALIBRATION_FILE, CLASS_NAMES
 from fmnist.errors import FmnistError
 from fmnist.h5weights import FORMAT, load_h5_model, save_h5
 from fmnist.inference import predict_logits
@@ -478,6 +478,9 @@ def test_onnx_export_matches_under_onnxruntime(tmp_path: Path) -> None:
 REPO = Path(__file__).resolve().parents[1]
 
 
+STAGE_TEMPERATURE = 0.8  # as if evaluate had fitted it
+
+
 def _stage_workspace(root: Path, *, onnx: bool = False) -> None:
     """A repository-like folder: params.yaml, a tiny trained model, a small prepared file."""
     import yaml
@@ -497,6 +500,9 @@ def _stage_workspace(root: Path, *, onnx: bool = False) -> None:
         f.attrs["split_sizes"] = json.dumps(sizes)
         f.attrs["seed"] = 0
         f.attrs["val_fraction"] = 0.1
+    calibration = root / CALIBRATION_FILE
+    calibration.parent.mkdir(parents=True)
+    calibration.write_text(json.dumps({"temperature": STAGE_TEMPERATURE}))
 
 
 def _stage(root: Path) -> subprocess.CompletedProcess[str]:
@@ -533,6 +539,7 @@ def test_export_stage_writes_files_and_reports(tmp_path: Path) -> None:
     for name in ("model.pth", "weights.h5"):
         shipped = fmnist.load_model(str(tmp_path / "export" / name))
         assert shipped.flip_tta is True
+        assert shipped.temperature == STAGE_TEMPERATURE  # evaluate's fit ships with the model
         np.testing.assert_allclose(predict_logits(shipped, images, batch_size=5), expected,
                                    atol=1e-5, rtol=0)
     first = (tmp_path / "reports" / "export" / "parity.json").read_bytes()
@@ -549,7 +556,7 @@ def test_export_stage_refuses_a_foreign_model_in_one_line(tmp_path: Path) -> Non
     assert done.stderr.startswith("export: model file models/model.pth: ")
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "export").exists()
-    assert not (tmp_path / "reports").exists()
+    assert not (tmp_path / "reports" / "export").exists()
 
 
 @pytest.mark.parametrize("drift", [np.float32(2e-5), np.float32("nan")])

@@ -116,6 +116,31 @@ def test_png_predictions_match_predict_logits_on_the_arrays(
         assert top[0]["probability"] == pytest.approx(row.max(), abs=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["pth", "h5"])
+def test_probabilities_are_calibrated_by_the_temperature_the_model_file_carries(
+    tmp_path: Path, fmt: str
+) -> None:
+    calibrated = {**CONFIG, "temperature": 0.25}
+    path = tmp_path / ("model.pth" if fmt == "pth" else "weights.h5")
+    (save_model if fmt == "pth" else save_h5)(_model(), calibrated, path)
+    image = _garment_like(1, seed=5)
+    Image.fromarray(image[0], "L").save(tmp_path / "x.png")
+    logits = torch.from_numpy(predict_logits(_model(), image, batch_size=1)).double()
+    expected = torch.softmax(logits / 0.25, dim=1).numpy()[0]
+
+    done = _cli("predict", str(tmp_path / "x.png"), "--model", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    top = json.loads(done.stdout)["predictions"][0]["top_k"][0]
+    assert top["probability"] == pytest.approx(expected.max(), abs=1e-5)
+    assert abs(expected.max() - torch.softmax(logits, 1).numpy().max()) > 1e-3  # T mattered
+
+
+def test_negative_temperature_in_a_model_file_is_refused(tmp_path: Path) -> None:
+    save_model(_model(), {**CONFIG, "temperature": -1.0}, tmp_path / "model.pth")
+    with pytest.raises(FmnistError, match="temperature"):
+        load_classifier(tmp_path / "model.pth")
+
+
 def test_text_output_names_the_top_classes(tmp_path: Path, model_files: dict[str, Path]) -> None:
     Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "shirt.png")
     done = _cli(

@@ -62,5 +62,7 @@ TRAIN_REPORT_DIR = "reports/train"
 TUNE_DIR = "reports/tune"
 TUNE_STUDY_DIR = "checkpoints/tune"
 EVALUATE_DIR = "reports/evaluate"
+# Written by evaluate, read by export: the temperature fitted on the validation split.
+CALIBRATION_FILE = "reports/evaluate/calibration.json"
 EXPORT_DIR = "export"
 EXPORT_REPORT_DIR = "reports/export"

@@ -19,6 +19,9 @@ from fmnist.errors import FmnistError
 CONFIG_KEYS = ("channels", "convs_per_block", "batch_norm", "dropout", "hidden")
 # Absent from older model files, and from params.yaml's model section: evaluate and export set it.
 FLIP_TTA = "flip_tta"
+# Config key of the temperature evaluate fits on the validation split: the model still returns
+# logits; its probabilities are softmax(logits / temperature) (see fmnist.calibration).
+TEMPERATURE = "temperature"
 
 
 class Normalize(nn.Module):
@@ -47,9 +50,11 @@ class CNN(nn.Module):
         dropout: float,
         hidden: int,
         flip_tta: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.flip_tta = flip_tta
+        self.temperature = temperature
         self.normalize = Normalize()
         layers: list[nn.Module] = []
         in_channels, size = INPUT_SHAPE[0], IMAGE_SIZE
@@ -86,7 +91,7 @@ class CNN(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
     def extra_repr(self) -> str:
-        return f"flip_tta={self.flip_tta}"
+        return f"flip_tta={self.flip_tta}, temperature={self.temperature}"
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -104,18 +109,25 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         dropout=float(config["dropout"]),
         hidden=int(config["hidden"]),
         flip_tta=bool(config.get(FLIP_TTA, False)),
+        temperature=float(config.get(TEMPERATURE, 1.0)),
     )
 
 
-def shipped_config(config: dict[str, Any], flip_tta: bool) -> dict[str, Any]:
+def shipped_config(
+    config: dict[str, Any], flip_tta: bool, temperature: float | None = None
+) -> dict[str, Any]:
     """The config of the model that evaluate scores and export ships: the trained one's, with
-    evaluate.flip_tta applied."""
-    return model_config({**config, FLIP_TTA: flip_tta})
+    evaluate.flip_tta applied (and, in export, evaluate's fitted temperature)."""
+    extra: dict[str, Any] = {FLIP_TTA: flip_tta}
+    if temperature is not None:
+        extra[TEMPERATURE] = temperature
+    return model_config({**config, **extra})
 
 
 def model_config(params_model: dict[str, Any]) -> dict[str, Any]:
     """The plain-typed copy of params["model"] that model files store (`flip_tta` only when
-    on, so files without it keep their bytes and older readers keep reading them)."""
+    on, `temperature` only when not 1, so files without them keep their bytes and older
+    readers keep reading them)."""
     config = {
         "channels": [int(c) for c in params_model["channels"]],
         "convs_per_block": int(params_model["convs_per_block"]),
@@ -125,4 +137,6 @@ def model_config(params_model: dict[str, Any]) -> dict[str, Any]:
     }
     if params_model.get(FLIP_TTA):
         config[FLIP_TTA] = True
+    if params_model.get(TEMPERATURE, 1.0) != 1.0:
+        config[TEMPERATURE] = float(params_model[TEMPERATURE])
     return config

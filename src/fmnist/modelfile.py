@@ -19,7 +19,7 @@ from torch import nn
 from fmnist.atomic import write_bytes
 from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NORM_MEAN, NORM_STD
 from fmnist.errors import FmnistError
-from fmnist.model import FLIP_TTA, build_model, model_config
+from fmnist.model import FLIP_TTA, TEMPERATURE, build_model, model_config
 from fmnist.params import schema
 
 FORMAT = "fmnist-model"
@@ -115,7 +115,11 @@ def model_from_payload(payload: dict[str, Any], source: str | Path) -> nn.Module
 def check_model_config(config: Any, source: str | Path) -> None:
     """FmnistError (one line) unless `config` is a model section params.yaml could hold."""
     section = dict(schema()["properties"]["model"])
-    section["properties"] = {**section["properties"], FLIP_TTA: {"type": "boolean"}}
+    section["properties"] = {
+        **section["properties"],
+        FLIP_TTA: {"type": "boolean"},
+        TEMPERATURE: {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+    }
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(section).iter_errors(config)
     )

@@ -149,11 +149,13 @@ def has_light_background(image: Image.Image) -> bool:
 def classify(
     classifier: Classifier, images: list[np.ndarray], *, top_k: int
 ) -> list[list[tuple[str, int, float]]]:
-    """Top-k (class, index, probability) per image, highest first, in one batched pass."""
+    """Top-k (class, index, probability) per image, highest first, in one batched pass;
+    probabilities are softmax(logits / the model's temperature)."""
     if not images:
         return []
     logits = predict_logits(classifier.model, np.stack(images), batch_size=BATCH_SIZE)
-    logits = logits.astype(np.float64)
+    # calibrated: the temperature evaluate fitted travels in the exported model's config
+    logits = logits.astype(np.float64) / getattr(classifier.model, "temperature", 1.0)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)

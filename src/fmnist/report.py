@@ -16,6 +16,8 @@ _HEADLINE = (
     ("iou_mean", "Mean IoU (Jaccard)"),
     ("log_loss", "Log loss"),
     ("ece", "Expected calibration error"),
+    ("ece_calibrated", "ECE after temperature scaling"),
+    ("log_loss_calibrated", "Log loss after temperature scaling"),
 )
 _PER_CLASS = (
     ("precision", "Precision"),
@@ -56,7 +58,7 @@ def render(
         "|---|---:|",
     ]
     for key, label in _HEADLINE:
-        if key == "ece":
+        if key in ("ece", "ece_calibrated"):
             label = f"{label} ({calibration_bins} bins)"
         lines.append(f"| {label} | {_fmt(metrics.get(key))} |")
     reduced = metrics.get("bfloat16_inference")
@@ -93,7 +95,10 @@ def render(
         "image count. AUC is one-vs-rest on the softmax probability of the class. Top-2 "
         "accuracy counts an image as right when its class is among the two most probable. "
         "The expected calibration error is the mean, over equal-width bins of the top "
-        "probability weighted by their image share, of |accuracy - mean top probability|.",
+        "probability weighted by their image share, of |accuracy - mean top probability|. "
+        "Temperature scaling divides the logits by one number T fitted on the validation "
+        f"split (here T = {_fmt(metrics.get('temperature'))}); the exported model carries T, "
+        "so `fmnist predict` prints those calibrated probabilities.",
         "",
     ]
     return "\n".join(lines)
