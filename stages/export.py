@@ -4,14 +4,14 @@ The shipped config carries evaluate.flip_tta and the temperature evaluate fitted
 validation split (reports/evaluate/calibration.json), so `fmnist predict` prints calibrated
 probabilities. Each file is reloaded and must reproduce the trained model's logits on test
 images; the parity results go to reports/export/parity.json, inference speed to timing.json.
-export/ is published first, then reports/export/, each folder all at once.
+export/ and reports/export/ are published together.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fmnist.atomic import publish_dir, write_json
+from fmnist.atomic import publishing, write_json
 from fmnist.calibration import read_temperature
 from fmnist.constants import (
     CALIBRATION_FILE,
@@ -37,7 +37,7 @@ def main(params: dict[str, Any]) -> None:
     )
     model = model_from_payload(payload, MODEL_FILE)
     images = load_prepared(PREPARED_FILE).test.images[: p["parity_samples"]]
-    with publish_dir(EXPORT_REPORT_DIR) as staging:
+    with publishing() as outputs:  # export/ and reports/export/ together, or neither
         result = run_export(
             model,
             payload["model_config"],
@@ -46,9 +46,11 @@ def main(params: dict[str, Any]) -> None:
             onnx=p["onnx"],
             parity_atol=p["parity_atol"],
             benchmark_batch_size=p["benchmark_batch_size"],
+            publication=outputs,
         )
-        write_json(staging / "parity.json", result.metrics)
-        write_json(staging / "timing.json", result.timing)
+        reports = outputs.folder(EXPORT_REPORT_DIR)
+        write_json(reports / "parity.json", result.metrics)
+        write_json(reports / "timing.json", result.timing)
     for fmt, info in result.metrics["formats"].items():
         speed = result.timing["formats"][fmt]
         print(

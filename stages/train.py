@@ -1,8 +1,8 @@
 """Stage train: prepared data -> models/model.pth and reports/train/, published together.
 
 dvclive writes the per-epoch curves into a staging folder; the model file and the whole
-reports/train folder replace the previous ones only when training finished, so a failure or
-a kill at any moment leaves the previous model and its reports, never a mix.
+reports/train folder replace the previous ones together, only when training finished, so a
+failure, Ctrl-C or SIGTERM at any moment leaves the previous model and its reports.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from fmnist.atomic import publish_dir
+from fmnist.atomic import publishing
 from fmnist.checkpoint import remove_checkpoint
 from fmnist.constants import MODEL_FILE, PREPARED_FILE, TRAIN_CHECKPOINT, TRAIN_REPORT_DIR
 from fmnist.data import load_prepared
@@ -29,16 +29,17 @@ def main(params: dict[str, Any]) -> None:
     start = time.perf_counter()
     data = load_prepared(PREPARED_FILE)
     with init_from_env(params["train"]) as dist:
-        with publish_dir(TRAIN_REPORT_DIR) if dist.is_main else nullcontext() as staging:
-            live = open_live(staging) if dist.is_main else None
+        with publishing() if dist.is_main else nullcontext() as outputs:
+            reports = outputs.folder(TRAIN_REPORT_DIR) if dist.is_main else None
+            live = open_live(reports) if dist.is_main else None
             result = fit(data, params, checkpoint_path=Path(TRAIN_CHECKPOINT), live=live,
                          dist=dist)
             if not dist.is_main:
                 return
             live.end()
-            write_train_reports(staging, result, world_size=dist.world_size,
+            write_train_reports(reports, result, world_size=dist.world_size,
                                 stage_seconds=time.perf_counter() - start)
-            save_model(result.model, params["model"], MODEL_FILE,
+            save_model(result.model, params["model"], outputs.file(MODEL_FILE),
                        extra={"training": training_record(result, dist.world_size)})
     remove_checkpoint(TRAIN_CHECKPOINT)
     m = result.metrics

@@ -565,3 +565,10 @@ def test_check_parity_refuses_drift_beyond_atol_and_nan(drift: np.float32) -> No
     result = export.compare(reference, reference + drift)
     with pytest.raises(FmnistError, match=r"parity: onnx \(model\.onnx\) max abs logit diff"):
         export.check_parity("onnx", Path("model.onnx"), result, 1e-5)
+
+
+def test_a_fifo_named_pt2_is_refused_without_reading_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.pt2"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(FmnistError, match=r"model\.pt2: not a regular file"):
+        fmnist.load_model(str(fifo))

@@ -33,7 +33,16 @@ SLICE = {
     "tune": {"trials": 2, "epochs": 1, "train_subset": 200},
     "export": {"parity_samples": 50},
 }
-FREE_BYTES = 64 * 1024  # a write fails mid-way, not at the first byte
+# What each stage writes; the full disk leaves room for about half of it, so that a write
+# fails part-way (after the first files), not at the first byte.
+OUTPUTS = {
+    "download": ["data/raw"],
+    "preprocess": ["data/prepared"],
+    "train": ["models", "reports/train"],
+    "tune": ["reports/tune"],
+    "evaluate": ["reports/evaluate"],
+    "export": ["export", "reports/export"],
+}
 TIMEOUT_S = 300
 
 pytestmark = pytest.mark.skipif(
@@ -89,6 +98,11 @@ def _outputs(root: Path) -> dict[str, bytes]:
         for path in sorted((root / top).rglob("*"))
         if path.is_file()
     }
+
+
+def _size(root: Path, names: list[str]) -> int:
+    return sum(p.stat().st_size for name in names for p in (root / name).rglob("*")
+               if p.is_file())
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -157,13 +171,13 @@ def _fill(path: Path, free: int) -> None:
 @needs_mount
 @pytest.mark.parametrize("name", STAGES)
 def test_full_disk_is_one_line_and_keeps_the_previous_outputs(project: Path, name: str) -> None:
-    with _tmpfs_copy(project, free=FREE_BYTES) as copy:
+    with _tmpfs_copy(project, free=_size(project, OUTPUTS[name]) // 2) as copy:
         before = _outputs(copy)
         code, err = _run_stage(copy, name)
         assert code == 1, err[-3000:]
-        _assert_one_line_failure(name, err, "No space left on device")
         assert _leftovers(copy) == []
         assert _outputs(copy) == before
+        _assert_one_line_failure(name, err, "No space left on device")
 
 
 @needs_mount
@@ -177,42 +191,47 @@ def test_read_only_checkout_is_one_line_and_changes_nothing(project: Path, name:
         assert _outputs(copy) == before
 
 
-def _wait_for(paths: Iterator[Path] | object, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if any(paths()):  # type: ignore[operator]
-            return
-        assert proc.poll() is None, f"the stage ended before {what}: {proc.stderr.read()[-2000:]}"
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+def _new_temporary_file(root: Path, before: set[Path]) -> bool:
+    """Work under way: a temporary file or folder that was not there before (any name a
+    stage gives them ends in .tmp), or resume state (a training checkpoint, a tune study)."""
+    return any(p not in before for p in root.rglob("*.tmp")) or any(
+        p.is_file() for p in (root / "checkpoints").rglob("*"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize(("name", "staging", "delay"), [
-    ("download", "data/.raw.*.tmp", 0.0),
-    ("preprocess", "data/.prepared.*.tmp", 0.0),
-    ("preprocess", "data/.prepared.*.tmp", 0.2),
-    ("preprocess", "data/.prepared.*.tmp", 0.4),
-    ("train", "checkpoints/train.ckpt", 0.0),
-    ("evaluate", "reports/.evaluate.*.tmp", 0.2),
+@pytest.mark.parametrize(("name", "delay"), [
+    ("download", 0.0),
+    ("preprocess", 0.0),
+    ("preprocess", 0.2),
+    ("preprocess", 0.4),
+    ("train", 0.0),
+    ("tune", 0.5),
+    ("evaluate", 0.2),
+    ("export", 0.5),
 ])
 def test_signal_ends_the_stage_with_its_code_and_leaves_the_previous_outputs(
-    project: Path, tmp_path: Path, name: str, staging: str, delay: float, signum: int
+    project: Path, tmp_path: Path, name: str, delay: float, signum: int
 ) -> None:
     copy = tmp_path / "project"
-    shutil.copytree(project, copy, symlinks=True)
-    if name == "train":  # long enough to be caught after its first checkpoint
+    shutil.copytree(project, copy, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    if name in ("train", "tune"):  # long enough to be caught mid-way
         params = yaml.safe_load((copy / "params.yaml").read_text())
         params["train"]["epochs"] = 4
+        params["tune"]["epochs"] = 4
         (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = _outputs(copy)
+    existing = set(copy.rglob("*.tmp"))
     proc = _stage(copy, name)
-    _wait_for(lambda: copy.glob(staging), proc, staging)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not _new_temporary_file(copy, existing):
+        assert proc.poll() is None, f"{name} ended before it wrote anything: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for the stage to start writing"
+        time.sleep(0.01)
     time.sleep(delay)
     assert proc.poll() is None, "the stage ended before the signal: make it longer"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 128 + signum, err[-3000:]
-    _assert_one_line_failure(name, err, f"interrupted ({signal.Signals(signum).name})")
     assert _leftovers(copy) == []
     assert _outputs(copy) == before
+    _assert_one_line_failure(name, err, f"interrupted ({signal.Signals(signum).name})")

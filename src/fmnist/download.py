@@ -26,9 +26,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fmnist.atomic import atomic_path
+from fmnist.atomic import DISK_ERRNOS, atomic_path
 from fmnist.constants import RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
-from fmnist.errors import FmnistError
+from fmnist.errors import FmnistError, OutputError
 
 CHUNK = 1 << 20
 # The slowest source still waited for: the default deadline of a file is `timeout` to start
@@ -164,6 +164,8 @@ def _download(url: str, dest: Path, timeout: float, limit: int, deadline: _Deadl
     except http.client.HTTPException as exc:  # IncompleteRead, BadStatusLine: not OSErrors
         raise FmnistError(f"broken HTTP response ({type(exc).__name__})") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            raise  # our disk, not the source: atomic_path names the file, no next source
         reason = getattr(exc, "reason", None) or exc
         raise FmnistError(f"unreachable ({reason})") from None
     # http.client reads a connection closed early as a normal end of data.
@@ -190,6 +192,8 @@ def fetch_file(
             try:
                 shutil.copyfile(origin, tmp)
             except OSError as exc:
+                if exc.errno in DISK_ERRNOS:
+                    raise
                 raise FmnistError(f"cannot copy ({exc.strerror or exc})") from None
         if decompressed_sha256(tmp) != RAW_SHA256[name]:
             raise FmnistError("checksum mismatch")
@@ -210,6 +214,8 @@ def download_all(
         for source in sources:
             try:
                 fetch_file(source, name, out_dir / name, timeout, deadline)
+            except OutputError:
+                raise  # a full disk fails every source alike: stop, naming the file
             except FmnistError as exc:
                 failures.append(f"{source}: {exc}")
                 continue

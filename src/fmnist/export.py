@@ -22,12 +22,10 @@ import copy
 import importlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +35,9 @@ import torch
 from torch import nn
 
 from fmnist import load_model
-from fmnist.atomic import atomic_path
+from fmnist.atomic import Publication, atomic_path, publishing
 from fmnist.constants import INPUT_SHAPE, NUM_CLASSES
-from fmnist.errors import FmnistError
+from fmnist.errors import FmnistError, first_line
 from fmnist.h5weights import save_h5
 from fmnist.inference import predict_logits
 from fmnist.modelfile import save_model
@@ -63,7 +61,7 @@ Runner = Callable[[np.ndarray, int], np.ndarray]
 
 @dataclass(frozen=True)
 class ExportResult:
-    """`metrics` is reports/export/metrics.json (deterministic), `timing` is timing.json."""
+    """`metrics` is reports/export/parity.json (deterministic), `timing` is timing.json."""
 
     metrics: dict[str, Any]
     timing: dict[str, Any]
@@ -113,7 +111,7 @@ def export_program(model: nn.Module, path: str | Path) -> None:
             frozen_copy(model), _example_input(), dynamic_shapes=_dynamic_batch()
         )
     except Exception as exc:  # torch raises many types; say which format failed
-        raise FmnistError(f"{path}: torch.export failed: {_first_line(exc)}") from None
+        raise FmnistError(f"{path}: torch.export failed: {first_line(exc)}") from None
     data = program_bytes(program, path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -134,7 +132,7 @@ def export_onnx(model: nn.Module, path: str | Path) -> None:
                 verbose=False,
             )
     except Exception as exc:
-        raise FmnistError(f"{path}: ONNX export failed: {_first_line(exc)}") from None
+        raise FmnistError(f"{path}: ONNX export failed: {first_line(exc)}") from None
     with atomic_path(path) as tmp:
         tmp.write_bytes(program.model_proto.SerializeToString())
 
@@ -168,7 +166,7 @@ def load_runner(fmt: str, path: str | Path) -> Runner:
         try:
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise FmnistError(f"{path}: onnxruntime cannot load it: {_first_line(exc)}") from None
+            raise FmnistError(f"{path}: onnxruntime cannot load it: {first_line(exc)}") from None
         name = session.get_inputs()[0].name
         return _batched(lambda x: session.run(None, {name: x})[0])
     raise ValueError(f"unknown export format {fmt!r}")
@@ -230,10 +228,13 @@ def run_export(
     onnx: bool,
     parity_atol: float,
     benchmark_batch_size: int,
+    publication: Publication | None = None,
 ) -> ExportResult:
     """Export, reload, compare with `model` on `images`, time, then publish `out_dir` at once.
 
-    On any failure the staging folder is removed and `out_dir` is left as it was.
+    The files are staged in `publication` (the caller's, to publish them with other outputs;
+    else one of its own, committed before returning). On any failure nothing is published
+    and `out_dir` is left as it was.
     """
     if onnx:
         require_onnx()
@@ -242,7 +243,8 @@ def run_export(
     reference = predict_logits(model, images, batch_size=benchmark_batch_size)
     formats: dict[str, Any] = {}
     speed: dict[str, Any] = {}
-    with _staging_dir(out_dir) as staging:
+    with nullcontext(publication) if publication else publishing() as outputs:
+        staging = outputs.folder(out_dir)
         files = write_artifacts(model, config, staging, onnx=onnx)
         for fmt, path in files.items():
             runner = load_runner(fmt, path)
@@ -260,7 +262,6 @@ def run_export(
                     images_per_second(runner, images, benchmark_batch_size), 1
                 ),
             }
-        _replace_dir(staging, out_dir)
     published = {fmt: out_dir / path.name for fmt, path in files.items()}
     metrics = {
         "parity_ok": True,
@@ -294,43 +295,6 @@ def _batched(forward: Callable[[np.ndarray], np.ndarray]) -> Runner:
 
 
 @contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside `target`, removed afterwards unless it was renamed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Put `staging` in `target`'s place; the old folder is moved aside first, then deleted."""
-    _make_readable(staging)
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}.tmp")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def _make_readable(folder: Path) -> None:
-    """The usual permissions (umask), not mkdtemp/mkstemp's owner-only ones."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-@contextmanager
 def _quiet_onnx_exporter() -> Iterator[None]:
     """The dynamo exporter logs optional-op warnings (torchvision) and FutureWarnings."""
     logger = logging.getLogger("torch.onnx")
@@ -354,8 +318,3 @@ def _load_average() -> float | None:
 def _significant(value: float, digits: int = 3) -> float:
     """Rounded to `digits` significant digits, so last-bit noise does not change metrics."""
     return float(f"{value:.{digits}g}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

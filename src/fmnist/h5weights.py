@@ -29,6 +29,7 @@ No timestamps are stored (track_times=False), so the same weights give the same 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from fmnist import __version__
-from fmnist.atomic import atomic_path
+from fmnist.atomic import write_bytes
 from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NORM_MEAN, NORM_STD
 from fmnist.errors import FmnistError
 from fmnist.model import model_config
@@ -74,10 +75,15 @@ def weights_digest(
 
 
 def save_h5(model: nn.Module, config: dict[str, Any], path: str | Path) -> None:
-    """Write every state_dict tensor and the metadata to rebuild the model, atomically."""
+    """Write every state_dict tensor and the metadata to rebuild the model, atomically.
+
+    Built in memory, then written by Python: h5py meeting a full disk mid-write can crash the
+    interpreter; a plain write fails with an OSError naming the file.
+    """
     state = plain_state_dict(model)
     strings = h5py.string_dtype()
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="earliest") as f:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", libver="earliest") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         config_text = json.dumps(model_config(config), sort_keys=True)
@@ -98,6 +104,7 @@ def save_h5(model: nn.Module, config: dict[str, Any], path: str | Path) -> None:
         f.attrs["weights_sha256"] = weights_digest(state, config_text, list(CLASS_NAMES))
         for key, tensor in state.items():
             f.create_dataset(dataset_path(key), data=tensor.numpy(), track_times=False)
+    write_bytes(path, buffer.getbuffer())
 
 
 def read_h5_file(path: str | Path) -> dict[str, Any]:

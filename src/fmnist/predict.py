@@ -27,7 +27,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from fmnist.constants import IMAGE_SIZE, NUM_CLASSES
-from fmnist.errors import FmnistError
+from fmnist.errors import FmnistError, first_line
 from fmnist.inference import predict_logits
 from fmnist.modelfile import H5_SUFFIXES, model_from_payload, read_model_file
 
@@ -113,10 +113,10 @@ def load_image(path: str | Path) -> Image.Image:
     except FmnistError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise FmnistError(f"{path}: corrupt or truncated image ({_first_line(exc)})") from None
+        raise FmnistError(f"{path}: corrupt or truncated image ({first_line(exc)})") from None
     except Exception as exc:  # a decoder's own failure (e.g. NotImplementedError): this file's
         raise FmnistError(
-            f"{path}: cannot decode image ({type(exc).__name__}: {_first_line(exc)})"
+            f"{path}: cannot decode image ({type(exc).__name__}: {first_line(exc)})"
         ) from None
 
 
@@ -188,8 +188,3 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
         raise FmnistError(
             f"{path}: image too large ({width}x{height}, over {MAX_IMAGE_PIXELS:,} pixels), refused"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

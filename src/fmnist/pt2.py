@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.export.pt2_archive import constants as layout
 
-from fmnist.errors import FmnistError
+from fmnist.errors import FmnistError, first_line
 
 SUFFIX = ".pt2"
 MODEL = "model"  # torch.export.save names its one program "model"
@@ -105,6 +105,8 @@ def program_bytes(program: torch.export.ExportedProgram, source: str | Path) -> 
 def load_program(path: str | Path, *, map_location: str | torch.device = "cpu") -> ProgramModel:
     """The program of a .pt2 file, opened with torch.export.load only after check_archive."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would hang the read
+        raise FmnistError(f"model file {path}: not a regular file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -122,7 +124,7 @@ def load_program(path: str | Path, *, map_location: str | torch.device = "cpu") 
             program = move_to_device_pass(program, map_location)
         module = program.module()
     except Exception as exc:  # torch raises many types; the file passed the layout check
-        problem = _first_line(exc)
+        problem = first_line(exc)
         raise FmnistError(f"model file {path}: cannot load the program: {problem}") from None
     return ProgramModel(module)
 
@@ -172,7 +174,7 @@ def _members(data: bytes, source: str | Path) -> dict[str, bytes]:
         try:
             members[name[len(root) :]] = archive.read(info)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise FmnistError(f"model file {source}: member {shown}: {_first_line(exc)}") from None
+            raise FmnistError(f"model file {source}: member {shown}: {first_line(exc)}") from None
     return members
 
 
@@ -268,8 +270,3 @@ def _pickled(source: str | Path, member: str) -> FmnistError:
 def _shown(text: str) -> str:
     """`text` from the file with control characters escaped: one line, no terminal codes."""
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

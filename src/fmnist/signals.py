@@ -11,11 +11,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 _received: int | None = None
+_deferring = 0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -54,10 +57,24 @@ def _quiet_about_interrupts(hook):  # noqa: ANN001, ANN202 - sys.unraisablehook'
 
 def _handle(signum: int, _frame: FrameType | None) -> None:
     global _received
-    first = _received is None
-    _received = signum
-    if first:  # a second signal must not interrupt the cleanup the first one started
-        raise Interrupted(signum)
+    if _received is None:  # the first signal decides the exit code
+        _received = signum
+    if not _deferring:  # inside `deferred()`, the block finishes first
+        raise Interrupted(_received)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A block no signal interrupts (the renames that publish outputs): a signal arriving
+    inside it is raised when it ends."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        check()
 
 
 def received() -> int | None:
@@ -73,5 +90,6 @@ def check() -> None:
 
 def reset() -> None:
     """Forget a received signal (tests run several stages in one process)."""
-    global _received
+    global _received, _deferring
     _received = None
+    _deferring = 0

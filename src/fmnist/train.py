@@ -56,7 +56,7 @@ AUGMENT_SEED_OFFSET = 1_000_003
 PER_BATCH_SCHEDULES = ("onecycle", "cosine")
 # What loading a checkpoint's state into freshly built objects raises when the state does not
 # fit them (missing keys, other shapes or types).
-UNRESTORABLE = (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
+UNRESTORABLE = (RuntimeError, KeyError, ValueError)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -379,13 +379,17 @@ def fit(
             load_checkpoint(checkpoint_path, run_id) if dist.is_main else None
         )
         if state is not None:
+            problem = None
             try:
                 history = restore(state, model, optimizer, scheduler, generators,
                                   rank=dist.rank, ema=ema)
             except UNRESTORABLE as exc:  # right fingerprint, wrong tensors: tampered or a bug
+                problem = _one_line(exc)
+            problems = [p for p in dist.all_gather_object(problem) if p]  # the ranks agree
+            if problems:
                 # A failed load_state_dict may have half-filled the model: build all anew.
                 if dist.is_main:
-                    discard_checkpoint(checkpoint_path, _one_line(exc))
+                    discard_checkpoint(checkpoint_path, problems[0])
                 dist.barrier()
                 return fit(data, params, epochs=epochs, train_subset=train_subset,
                            on_epoch_end=on_epoch_end, checkpoint_path=checkpoint_path,

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fmnist.accel import runtime_identity, select_backend
 from fmnist.constants import TUNE_STUDY_DIR
-from fmnist.errors import FmnistError, ParamsError
+from fmnist.errors import FmnistError, ParamsError, first_line
 from fmnist.params import schema, validate
 from fmnist.sources import code_digest
 from fmnist.train import fit
@@ -223,8 +223,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 def _problem(exc: BaseException) -> str:
     """The first line of a storage error, with SQLite's full-disk code said the usual way."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    line = first_line(exc)
     if "database or disk is full" in line:  # SQLITE_FULL
         return f"No space left on device ({line})"
     return line

@@ -1,0 +1,410 @@
+"""bench/sam_study.py: the plan, the resume, the paired statistics and the report without DVC;
+one end-to-end smoke run with real `dvc exp run --queue` experiments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fmnist.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
+HERE = {"cpu_class": "AMX", "dtype": "bfloat16", "threads": 2}
+
+
+def _load_study() -> Any:
+    spec = importlib.util.spec_from_file_location("sam_study", REPO / "bench" / "sam_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sam_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study()
+
+
+@pytest.fixture
+def base() -> dict[str, Any]:
+    """params.yaml with the schedule these tests reason about."""
+    params = load_params(REPO / "params.yaml")
+    params["seed"] = 42
+    params["preprocess"].update(train_subset=None, label_noise=0.0)
+    params["train"].update(optimizer="sam", rho=0.05, adaptive=False, epochs=16,
+                           sam_start=0.75, sam_every=1, threads=0)
+    return params
+
+
+def here(params: dict[str, Any]) -> dict[str, Any]:
+    return dict(HERE)
+
+
+def stored_run(job: Any, row: str, accuracy: float = 0.93, **machine: Any) -> dict[str, Any]:
+    """What the study records for a finished experiment of `job`, as `row`."""
+    files = {
+        "evaluate": {"accuracy": accuracy, "f1_macro": accuracy - 0.001, "ece": 0.05},
+        "train_metrics": {"val_acc": accuracy},
+        "train_timing": {"train_seconds": 250.0, "images_per_s": 3000.0},
+        "train_run": {"machine": {**HERE, **machine}},
+        "params": job.params,
+    }
+    entry = study.entry_from_files(files, job, rev="ab" * 20, baseline="cd" * 20, dirty=False,
+                                   wall_seconds=300.0)
+    return {**entry, "row": row}
+
+
+# --- rows and params ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("epochs", "sam_start", "sam_every", "expected"), [
+    (16, 0.75, 1, 20),  # the default: SAM in the last quarter costs a quarter more
+    (8, 0.0, 1, 16),  # SAM every step doubles the passes
+    (10, 0.5, 2, 13),  # 12.5 rounds half up
+    (12, 1.0, 1, 12),  # no SAM step at all
+])
+def test_equal_compute_epochs_counts_two_passes_per_sam_step(
+    epochs: int, sam_start: float, sam_every: int, expected: int
+) -> None:
+    train = {"epochs": epochs, "sam_start": sam_start, "sam_every": sam_every}
+    assert study.equal_compute_epochs(train) == expected
+
+
+def test_equal_compute_row_reads_the_schedule_from_params(base: dict[str, Any]) -> None:
+    base["train"].update(epochs=12, sam_start=0.5)
+    plan = study.make_plan(base, ["sgd-compute"], {"sgd-compute": [0]}, here, [])
+    [job] = plan.jobs
+    assert job.overrides["train.epochs"] == 18
+    assert job.overrides["train.optimizer"] == "sgd"
+    assert job.params["train"]["epochs"] == 18
+
+
+def test_equal_compute_under_smoke_uses_the_smoke_epochs(base: dict[str, Any]) -> None:
+    plan = study.make_plan(base, ["sgd-compute"], {"sgd-compute": [0]}, here, [],
+                           extra={"train.epochs": 4})
+    assert plan.jobs[0].params["train"]["epochs"] == 5
+
+
+def test_rows_and_groups_select_in_table_order() -> None:
+    assert study.select_rows("sam,sgd") == ["sam", "sgd"]
+    assert study.select_rows("noise") == ["sam-noise20", "sgd-noise20", "sam-noise40",
+                                          "sgd-noise40"]
+    assert study.select_rows("sweep") == ["rho-0", "rho-0.02", "rho-0.05", "rho-0.1", "rho-0.2"]
+    assert study.select_rows("all") == list(study.ROWS)
+    with pytest.raises(study.FmnistError, match="unknown row 'adam'"):
+        study.select_rows("sam,adam")
+
+
+def test_default_seeds_three_for_comparisons_one_for_the_sweep() -> None:
+    seeds = study.seeds_for(["sam", "sgd-compute", "sgd-noise40", "rho-0.2", "asam"], None)
+    assert seeds == {"sam": [0, 1, 2], "sgd-compute": [0, 1, 2], "sgd-noise40": [0, 1, 2],
+                     "rho-0.2": [0], "asam": [0]}
+    assert study.seeds_for(["rho-0"], "3,1") == {"rho-0": [1, 3]}
+
+
+def test_label_noise_and_asam_rows_set_their_params(base: dict[str, Any]) -> None:
+    plan = study.make_plan(base, ["sgd-noise40", "asam"], {"sgd-noise40": [1], "asam": [0]},
+                           here, [])
+    noisy, asam = plan.jobs
+    assert noisy.params["preprocess"]["label_noise"] == 0.4
+    assert noisy.params["train"]["optimizer"] == "sgd" and noisy.params["seed"] == 1
+    assert asam.params["train"]["adaptive"] is True and asam.params["train"]["rho"] == 1.0
+    assert "-S" in asam.set_args() and "train.adaptive=true" in asam.set_args()
+
+
+# --- the plan: resume from the JSON ------------------------------------------------------------
+
+
+def test_resume_skips_what_the_json_holds(base: dict[str, Any]) -> None:
+    first = study.make_plan(base, ["sam", "sgd"], {"sam": [0, 1], "sgd": [0, 1]}, here, [])
+    assert [(j.row, j.seed) for j in first.jobs] == [("sam", 0), ("sam", 1), ("sgd", 0),
+                                                     ("sgd", 1)]
+    runs = [stored_run(first.jobs[0], "sam"), stored_run(first.jobs[3], "sgd")]
+    again = study.make_plan(base, ["sam", "sgd"], {"sam": [0, 1], "sgd": [0, 1]}, here, runs)
+    assert [(j.row, j.seed) for j in again.jobs] == [("sam", 1), ("sgd", 0)]
+    assert again.held == 2 and again.stale == []
+
+
+def test_a_run_on_another_cpu_class_or_thread_count_is_not_held(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    for machine in ({"cpu_class": "AVX2"}, {"threads": 1}, {"dtype": "float32"}):
+        runs = [stored_run(job, "sam", **machine)]
+        assert len(study.make_plan(base, ["sam"], {"sam": [0]}, here, runs).jobs) == 1
+
+
+def test_a_run_with_changed_params_is_stale_and_runs_again(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    old = stored_run(job, "sam")
+    old["params"]["train"]["epochs"] = 12
+    plan = study.make_plan(base, ["sam"], {"sam": [0]}, here, [old])
+    assert len(plan.jobs) == 1
+    assert plan.stale == ["sam seed 0: train.epochs"]
+
+
+def test_a_param_added_since_the_run_does_not_make_it_stale(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    old = stored_run(job, "sam")
+    del old["params"]["train"]["adaptive"]  # as if recorded before the key existed
+    old["params"]["train"]["retired_key"] = 1  # or after one was removed
+    plan = study.make_plan(base, ["sam"], {"sam": [0]}, here, [old])
+    assert plan.jobs == [] and plan.held == 1
+
+
+def test_rows_with_the_same_params_share_one_experiment(base: dict[str, Any]) -> None:
+    plan = study.make_plan(base, ["sam", "rho-0.05", "rho-0.1"],
+                           {"sam": [0], "rho-0.05": [0], "rho-0.1": [0]}, here, [])
+    assert [j.rows for j in plan.jobs] == [["sam", "rho-0.05"], ["rho-0.1"]]
+
+
+def test_a_stored_run_with_the_same_params_is_copied_not_rerun(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    plan = study.make_plan(base, ["rho-0.05"], {"rho-0.05": [0]}, here,
+                           [stored_run(job, "sam")])
+    assert plan.jobs == []
+    [copied] = plan.copies
+    assert copied["row"] == "rho-0.05" and copied["same_run_as"] == "sam"
+
+
+def test_record_replaces_the_run_of_the_same_key(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    runs = study.record([stored_run(job, "sam", 0.90)], stored_run(job, "sam", 0.95))
+    assert [r["test"]["accuracy"] for r in runs] == [0.95]
+
+
+# --- the paired statistics ---------------------------------------------------------------------
+
+
+def test_paired_interval_matches_a_hand_computation() -> None:
+    # SAM 93.0, 94.0, 95.0 and SGD 92.0, 92.5, 94.5 on seeds 0..2: differences 1.0, 1.5, 0.5
+    # points, mean 1.0, sample std 0.5, t(0.975, 2) = 4.302653, half width 4.302653 * 0.5 /
+    # sqrt(3) = 1.242069 points.
+    runs = [{"row": row, "seed": seed, "test": {"accuracy": acc}}
+            for row, accs in (("sam", (0.930, 0.940, 0.950)), ("sgd", (0.920, 0.925, 0.945)))
+            for seed, acc in enumerate(accs)]
+    diffs = study.paired(runs, "sam", "sgd", "accuracy")
+    assert diffs == pytest.approx([0.010, 0.015, 0.005])
+    mean, low, high = study.t_interval(diffs)
+    assert mean == pytest.approx(0.010)
+    assert low == pytest.approx(0.010 - 0.01242069, abs=1e-7)
+    assert high == pytest.approx(0.010 + 0.01242069, abs=1e-7)
+
+
+def test_pairs_match_by_seed_and_drop_unpaired_seeds() -> None:
+    runs = [{"row": "sgd", "seed": 2, "test": {"accuracy": 0.90}},
+            {"row": "sam", "seed": 0, "test": {"accuracy": 0.95}},
+            {"row": "sam", "seed": 2, "test": {"accuracy": 0.91}},
+            {"row": "sgd", "seed": 0, "test": {"accuracy": 0.92}},
+            {"row": "sgd", "seed": 1, "test": {"accuracy": 0.99}}]
+    assert study.paired(runs, "sam", "sgd", "accuracy") == pytest.approx([0.03, 0.01])
+
+
+def test_no_interval_from_a_single_seed() -> None:
+    assert study.t_interval([0.01]) is None
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def _three_seed_runs(base: dict[str, Any]) -> list[dict[str, Any]]:
+    plan = study.make_plan(base, ["sam", "sgd", "rho-0.2"],
+                           {"sam": [0, 1, 2], "sgd": [0, 1, 2], "rho-0.2": [0]}, here, [])
+    accuracy = {("sam", 0): 0.930, ("sam", 1): 0.940, ("sam", 2): 0.950,
+                ("sgd", 0): 0.920, ("sgd", 1): 0.925, ("sgd", 2): 0.945, ("rho-0.2", 0): 0.91}
+    return [stored_run(j, j.row, accuracy[j.row, j.seed]) for j in plan.jobs]
+
+
+def test_markdown_shows_rows_pairs_and_the_machine(base: dict[str, Any]) -> None:
+    text = study.markdown(study.summarize(_three_seed_runs(base)))
+    assert "## CPU class AMX, training dtype bfloat16, 2 thread(s)" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ")}
+    assert "| 3 | 20 | 94.00% ± 1.00% |" in rows["sam"]
+    assert "| 3 | 16 | 93.00% ± 1.32% |" in rows["sgd"]
+    assert "| 1 | 20 | 91.00% |" in rows["rho-0.2"]  # one seed: no spread shown
+    [pair] = [line for line in text.splitlines() if line.startswith("| SAM − SGD")]
+    assert "equal epochs" in pair and "| 3 | +1.00 [-0.24, +2.24] |" in pair
+    assert "equal compute" not in text  # no sgd-compute runs yet: no empty comparison
+
+
+def test_markdown_of_no_runs_says_so() -> None:
+    assert "No runs yet." in study.markdown([])
+
+
+def test_summarize_only_rebuilds_table_and_figure(base: dict[str, Any], tmp_path: Path) -> None:
+    store = tmp_path / "sam_study.json"
+    store.write_text(json.dumps({"runs": _three_seed_runs(base)}))
+    out_md, out_png = tmp_path / "sam_study.md", tmp_path / "sam_study.png"
+    assert study.main(["--summarize-only", "--json", str(store), "--markdown", str(out_md),
+                       "--figure", str(out_png)]) == 0
+    assert "SAM − SGD, equal epochs" in out_md.read_text()
+    assert out_png.read_bytes().startswith(b"\x89PNG")
+
+
+# --- the DVC side, without DVC ------------------------------------------------------------------
+
+
+def test_queue_status_table_is_parsed() -> None:
+    text = ("Task     Name                   Created    Status\n"
+            "31c61e8  ss-sam-s0-0a1b2c       09:49 AM   Success\n"
+            "e42f11c  ss-sgd-s0-0a1b2c       09:49 AM   Running\n"
+            "f00ba12  ss-rho-0.1-s0-0a1b2c   Dec 01     Failed\n"
+            "\nWorker status: 1 active, 0 idle\n")
+    tasks, workers = study.parse_queue_status(text)
+    assert tasks == {"ss-sam-s0-0a1b2c": "Success", "ss-sgd-s0-0a1b2c": "Running",
+                     "ss-rho-0.1-s0-0a1b2c": "Failed"}
+    assert workers == 1
+    assert study.NAME_RE.match("ss-rho-0.1-s0-0a1b2c")["row"] == "rho-0.1"
+
+
+def test_entry_keys_by_what_the_run_measured(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sgd"], {"sgd": [1]}, here, []).jobs
+    entry = stored_run(job, "sgd", cpu_class="AVX2", threads=1)
+    assert (entry["cpu_class"], entry["dtype"], entry["threads"]) == ("AVX2", "bfloat16", 1)
+    assert entry["seed"] == 1 and entry["passes"] == 16
+    assert entry["overrides"] == {"train.optimizer": "sgd", "seed": 1}
+
+
+class FakeExperiments:
+    """Finishes one queued experiment per poll; notes what the JSON held at each read."""
+
+    def __init__(self, base: dict[str, Any], store: Path) -> None:
+        self.base, self.store = base, store
+        self.queued: list[str] = []
+        self.params: dict[str, dict[str, Any]] = {}
+        self.polls = 0
+        self.seen_in_json: list[int] = []
+
+    def head(self) -> str:
+        return "cd" * 20
+
+    def queue(self, job: Any) -> None:
+        self.queued.append(job.name)
+        self.params[job.name] = job.params
+
+    def start(self) -> None:
+        pass
+
+    def status(self) -> tuple[dict[str, str], int]:
+        return {n: "Queued" for n in self.queued}, 1
+
+    def refs(self) -> dict[str, str]:
+        self.polls += 1
+        return {name: f"{i:040x}" for i, name in enumerate(self.queued[: self.polls - 1])}
+
+    def files(self, rev: str) -> dict[str, Any]:
+        held = json.loads(self.store.read_text())["runs"] if self.store.exists() else []
+        self.seen_in_json.append(len(held))
+        name = self.queued[int(rev, 16)]
+        return {"evaluate": {"accuracy": 0.9, "f1_macro": 0.9, "ece": 0.05},
+                "train_metrics": {}, "train_timing": {"train_seconds": 1.0,
+                                                       "images_per_s": 1.0},
+                "train_run": {"machine": dict(HERE)}, "params": self.params[name]}
+
+
+def test_each_experiment_is_written_as_it_finishes(base: dict[str, Any], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    plan = study.make_plan(base, ["sam", "sgd"], {"sam": [0], "sgd": [0]}, here, [])
+    store = tmp_path / "sam_study.json"
+    exps = FakeExperiments(base, store)
+    progress = study.run_jobs(exps, plan.jobs, store, [], dirty=False, poll_s=0, status_s=60)
+    assert progress.done == 2 and progress.failed == []
+    assert exps.seen_in_json == [0, 1]  # the first was on disk before the second was read
+    runs = json.loads(store.read_text())["runs"]
+    assert {(r["row"], r["seed"]) for r in runs} == {("sam", 0), ("sgd", 0)}
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in out] == ["sam_study: [1/2", "sam_study: [2/2"]
+
+
+def test_a_finished_experiment_of_an_earlier_invocation_is_collected_not_rerun(
+    base: dict[str, Any], tmp_path: Path
+) -> None:
+    plan = study.make_plan(base, ["sam"], {"sam": [0]}, here, [])
+    store = tmp_path / "sam_study.json"
+    exps = FakeExperiments(base, store)
+    exps.queued = ["ss-sam-s0-abcdef"]
+    exps.params["ss-sam-s0-abcdef"] = plan.jobs[0].params
+    exps.polls = 1  # its ref exists already
+    progress = study.run_jobs(exps, plan.jobs, store, [], dirty=False, poll_s=0, status_s=60)
+    assert progress.done == 1 and exps.queued == ["ss-sam-s0-abcdef"]  # nothing new queued
+    [run] = json.loads(store.read_text())["runs"]
+    assert run["experiment"] == "ss-sam-s0-abcdef"
+
+
+# --- end to end: real DVC experiments ----------------------------------------------------------
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "e2e",
+    "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
+    "GIT_COMMITTER_NAME": "e2e",
+    "GIT_COMMITTER_EMAIL": "e2e@example.invalid",
+}
+
+
+def _project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what a commit of the work tree would hold."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    names = [name for name in out.split("\0") if name and (REPO / name).is_file()]
+    return [*names, "scripts/plots/offline.html"]  # generated, ignored, used by dvc plots
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **GIT_ENV, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_DATA.is_dir(),
+                    reason="needs the Debian package dataset-fashion-mnist (scripts/install.sh)")
+def test_smoke_study_queues_real_experiments_and_a_rerun_runs_nothing(tmp_path: Path) -> None:
+    repo = tmp_path / "project"
+    for name in _project_files():
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["sources"] = [str(DEBIAN_DATA)]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(repo, "git", "init", "-q", "-b", "main")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "project")  # `dvc exp` needs a commit
+    command = (sys.executable, "bench/sam_study.py", "--smoke", "--rows", "sam,sgd",
+               "--seeds", "0", "--poll-seconds", "2")
+
+    first = _run(repo, *command)
+    assert "2 experiment(s) to run" in first.stdout
+    assert "[1/2]" in first.stdout and "[2/2]" in first.stdout
+    store = repo / "bench" / "results" / "sam_study_smoke.json"
+    runs = json.loads(store.read_text())["runs"]
+    assert sorted((r["row"], r["seed"]) for r in runs) == [("sam", 0), ("sgd", 0)]
+    for run in runs:
+        assert 0 <= run["test"]["accuracy"] <= 1 and "ece" in run["test"]
+        assert run["params"]["preprocess"]["train_subset"] == 1000
+        assert run["params"]["train"]["optimizer"] == run["row"]
+        # the result is a real experiment: its commit holds the metrics the JSON copied
+        shown = _run(repo, "git", "show", f"{run['exp_rev']}:reports/evaluate/metrics.json")
+        assert json.loads(shown.stdout)["accuracy"] == run["test"]["accuracy"]
+    assert (repo / "bench" / "results" / "sam_study_smoke.md").is_file()
+    refs = _run(repo, "git", "for-each-ref", "refs/exps/").stdout.splitlines()
+    assert len(refs) == 2
+
+    again = _run(repo, *command)
+    assert "0 experiment(s) to run" in again.stdout
+    assert _run(repo, "git", "for-each-ref", "refs/exps/").stdout.splitlines() == refs
+    assert json.loads(store.read_text())["runs"] == runs
+    assert all(math.isfinite(r["train_seconds"]) for r in runs)
