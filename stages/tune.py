@@ -10,13 +10,18 @@ def main(params: dict) -> None:
     from fmnist.constants import TUNE_DIR
     from fmnist.data import load_prepared
     from fmnist.tune import run_study
+    from fmnist.tune_confirm import run_confirmation
     from fmnist.tune_report import write_reports
 
-    study = run_study(load_prepared(), params)
-    summary = write_reports(study, params, TUNE_DIR)
+    data = load_prepared()
+    study = run_study(data, params)
+    confirmation = run_confirmation(data, params, study)
+    summary = write_reports(study, params, TUNE_DIR, confirmation)
     print(f"tune: best val_acc {summary['best_val_acc']:.4f}: {summary['best_params']['train']}; "
           f"{summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
           f"{summary['compute_saved_fraction']:.0%} of the epochs saved")
+    if confirmation is not None:
+        print(f"tune: confirmed with seeds {confirmation.seeds}: {confirmation.verdict}")
     print(f"tune: apply with: {summary['command']}")
 
 

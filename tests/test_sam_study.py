@@ -399,6 +399,8 @@ def test_smoke_study_queues_real_experiments_and_a_rerun_runs_nothing(tmp_path: 
         # the result is a real experiment: its commit holds the metrics the JSON copied
         shown = _run(repo, "git", "show", f"{run['exp_rev']}:reports/evaluate/metrics.json")
         assert json.loads(shown.stdout)["accuracy"] == run["test"]["accuracy"]
+    # written as each experiment finished, not all at the end of the queue
+    assert runs[0]["finished"] != runs[1]["finished"]
     assert (repo / "bench" / "results" / "sam_study_smoke.md").is_file()
     refs = _run(repo, "git", "for-each-ref", "refs/exps/").stdout.splitlines()
     assert len(refs) == 2

@@ -210,3 +210,63 @@ def test_two_worker_processes_share_the_grid_without_duplicates(tmp_path: Path) 
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert sorted(_key(t.params) for t in complete) == sorted(_key(p) for p in grid_points(space))
     assert len({t.user_attrs["worker"] for t in complete}) == 2
+
+
+# --- confirmation of the best with new seeds ----------------------------------------------------
+
+
+def test_paired_interval_matches_a_hand_computation() -> None:
+    from fmnist.tune_confirm import paired_interval
+
+    # diffs 0.01, 0.03: mean 0.02, sd 0.0141421, t(0.975, 1) = 12.7062
+    lo, hi = paired_interval([0.01, 0.03])
+    half = 12.7062047 * 0.0141421356 / 2**0.5
+    assert lo == pytest.approx(0.02 - half, abs=1e-6) and hi == pytest.approx(0.02 + half, abs=1e-6)
+
+
+def test_verdict_says_plainly_whether_the_best_beats_the_default() -> None:
+    from fmnist.tune_confirm import DEFAULT_LABEL, Candidate, verdict_of
+
+    trial = Candidate(label="trial 3", values={"lr": 0.2}, val_acc=[0.9, 0.91])
+    default = Candidate(label=DEFAULT_LABEL, values={"lr": 0.1}, val_acc=[0.9, 0.9])
+    assert "beats the default beyond noise" in verdict_of(trial, (0.001, 0.02))
+    assert "within noise" in verdict_of(trial, (-0.01, 0.02))
+    assert "keep params.yaml" in verdict_of(default, (0.0, 0.0))
+
+
+def test_confirmation_reruns_the_top_distinct_trials_and_the_default_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fmnist import train as train_module
+    from fmnist.tune_confirm import DEFAULT_LABEL, run_confirmation
+
+    params = tiny_params(trials=3, confirm={"candidates": 2, "seeds": 2})
+    study = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    first = run_confirmation(DATA, params, study, progress=False)
+    assert first is not None and first.seeds == [params["seed"] + 1, params["seed"] + 2]
+    labels = [c.label for c in first.candidates]
+    assert labels[0] == DEFAULT_LABEL and len(labels) == 3
+    assert first.candidates[0].values == {k: params["train"][k] for k in sorted(GRID_KEYS)}
+    assert all(len(c.val_acc) == 2 for c in first.candidates)
+    assert first.best.mean == max(c.mean for c in first.candidates)
+    # every run is stored in the study: a second confirmation trains nothing
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a stored confirmation run was trained again")
+
+    monkeypatch.setattr(train_module, "fit", no_training)
+    again = run_confirmation(DATA, params, study, progress=False)
+    assert again == first
+
+
+GRID_KEYS = ("lr", "rho", "batch_size")
+
+
+def test_budget_line_counts_trials_and_confirmation_in_train_stage_runs() -> None:
+    from fmnist.tune import budget_line
+
+    params = tiny_params(trials=8, epochs=None, confirm={"candidates": 2, "seeds": 2})
+    params["train"]["epochs"] = 16
+    # (8 trials + 3 candidates x 2 seeds) x 16 epochs x 4,000 / (16 epochs x 54,000) = 1.04
+    line = budget_line(params, 4000, 54000)
+    assert "8 trials of up to 16 epochs" in line and "6 confirmation runs" in line
+    assert "at most 1.0 train-stage equivalents" in line

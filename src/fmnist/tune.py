@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 STUDY_FORMAT = 1
 STUDY_DB = "optuna.db"
 # The tune section's budget and plumbing keys: they do not change what a trial computes.
-NOT_STUDY_KEYS = ("trials", "workers", "storage")
+NOT_STUDY_KEYS = ("trials", "workers", "storage", "confirm")
 # train keys that a trial sets itself, whatever params.yaml says.
 TRIAL_SET_KEYS = ("epochs", "distributed", "sam_sync_first_step")
 # A worker that dies (kill -9, power loss) leaves a RUNNING trial; heartbeats let other workers
@@ -141,16 +141,35 @@ def target_trials(tune: dict[str, Any]) -> int:
     return tune["trials"]
 
 
+def horizon(params: dict[str, Any]) -> int:
+    """Epochs of a trial run to the end: tune.epochs, or (null) the train stage's own schedule,
+    so that a trial's learning-rate schedule and late SAM are the ones the default runs."""
+    epochs = params["tune"]["epochs"]
+    return int(params["train"]["epochs"] if epochs is None else epochs)
+
+
 def trial_params(params: dict[str, Any], values: dict[str, Any], *,
                  threads: int | None = None) -> dict[str, Any]:
-    """params.yaml with the trial's values in `train`, tune.epochs epochs, single process."""
+    """params.yaml with the trial's values in `train`, `horizon` epochs, single process."""
     out = copy.deepcopy(params)
     out["train"].update(values)
-    out["train"]["epochs"] = params["tune"]["epochs"]
+    out["train"]["epochs"] = horizon(params)
     out["train"]["distributed"] = False
     if threads is not None and out["train"]["threads"] == 0:
         out["train"]["threads"] = threads
     return out
+
+
+def budget_line(params: dict[str, Any], train_size: int, full_train_size: int) -> str:
+    """What the search will cost at most, in runs of the train stage, printed before it starts."""
+    tune = params["tune"]
+    per_run = horizon(params) * train_size / (params["train"]["epochs"] * full_train_size)
+    confirm = tune["confirm"]
+    confirm_runs = (confirm["candidates"] + 1) * confirm["seeds"] if confirm["candidates"] else 0
+    runs = tune["trials"] + confirm_runs
+    return (f"tune: budget: {tune['trials']} trials of up to {horizon(params)} epochs on "
+            f"{train_size:,} images (Hyperband stops most early) + {confirm_runs} confirmation "
+            f"runs: at most {runs * per_run:.1f} train-stage equivalents")
 
 
 # --- study identity and storage ---------------------------------------------------------------
@@ -175,6 +194,7 @@ def study_name(params: dict[str, Any], data: Prepared) -> str:
     identity = {
         "format": STUDY_FORMAT, "seed": params["seed"], "model": params["model"],
         "ipex": params["ipex"], "train": fixed, "tune": tune, "data": data_fingerprint(data),
+        "horizon": horizon(params),
         # the code a trial runs, and the dtype `ipex.dtype: auto` resolves to on this machine
         "code": code_digest("fmnist.tune"), "runtime": trial_runtime(params),
     }
@@ -240,11 +260,14 @@ def make_sampler(tune: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler
     return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed)
 
 
-def make_pruner(tune: dict[str, Any]) -> optuna.pruners.BasePruner:
+def make_pruner(params: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """Hyperband: successive halving from 1 epoch up to the full horizon, keeping a third at
+    each rung (rungs at 1, 3, 9 ... epochs)."""
+    tune = params["tune"]
     if tune["pruner"] == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     if tune["pruner"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune["epochs"],
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=horizon(params),
                                               reduction_factor=3)
     return optuna.pruners.NopPruner()
 
@@ -283,7 +306,7 @@ class Objective:
         tune = self.params["tune"]
         values = suggest(trial, tune["space"])
         params = trial_params(self.params, values, threads=self.threads)
-        epochs = tune["epochs"]
+        epochs = horizon(self.params)
         seen: list[float] = []
         trial.set_user_attr("epochs_run", 0)
         trial.set_user_attr("worker", self.worker)
@@ -332,12 +355,12 @@ def work(data: Prepared, params: dict[str, Any], url: str, name: str, *, worker:
     seed = _sampler_seed(tune["seed"], len(study.get_trials(deepcopy=False)), worker)
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=make_sampler(tune, seed),
-                              pruner=pruner if pruner is not None else make_pruner(tune))
+                              pruner=pruner if pruner is not None else make_pruner(params))
     objective = Objective(data, params, target, threads)
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:
         if progress and not trial.user_attrs.get("surplus"):
-            print(format_trial(trial, tune["epochs"]), flush=True)
+            print(format_trial(trial, horizon(params)), flush=True)
 
     while True:
         counts = _counts(study.get_trials(deepcopy=False))
@@ -430,6 +453,9 @@ def _run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path,
     finished = done[TrialState.COMPLETE] + done[TrialState.PRUNED]
     workers = tune["workers"]
     if progress:
+        full = len(data.train.labels)
+        subset = tune["train_subset"]
+        print(budget_line(params, min(subset or full, full), full), flush=True)
         print(f"tune: study {name} in {safe_url(url)}: {finished} of {target} trials finished, "
               f"{max(0, target - finished)} to run on {workers} worker(s)", flush=True)
     if finished < target:

@@ -16,6 +16,8 @@ from optuna.trial import FrozenTrial, TrialState
 from fmnist.atomic import atomic_path, publish_dir, write_json, write_text
 from fmnist.constants import TUNE_DIR
 from fmnist.errors import FmnistError
+from fmnist.tune import horizon
+from fmnist.tune_confirm import Confirmation
 
 TOP_TRIALS = 10
 
@@ -68,7 +70,7 @@ def summary_metrics(study: optuna.Study, params: dict[str, Any]) -> dict[str, An
     trials = reported_trials(study)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     run = sum(int(t.user_attrs.get("epochs_run", 0)) for t in finished)
-    full = len(finished) * params["tune"]["epochs"]
+    full = len(finished) * horizon(params)
     return {
         "best_val_acc": best_trial(study).value,
         "trials_complete": sum(t.state == TrialState.COMPLETE for t in trials),
@@ -164,7 +166,7 @@ def write_figures(study: optuna.Study, params: dict[str, Any], out_dir: Path) ->
 
 
 def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[str, Any],
-                    command: str) -> str:
+                    command: str, confirmation: Confirmation | None = None) -> str:
     tune = params["tune"]
     best = best_trial(study)
     subset = (f"{tune['train_subset']} training images (stratified)" if tune["train_subset"]
@@ -173,7 +175,8 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
         "# Hyperparameter search",
         "",
         f"Study `{study.study_name}`: sampler `{tune['sampler']}`, pruner `{tune['pruner']}`, "
-        f"{tune['epochs']} epochs per trial on {subset}; "
+        f"{horizon(params)} epochs per trial run to the end (pruned ones stop earlier) on "
+        f"{subset}; "
         "objective: validation accuracy after the last epoch. The test split is never used.",
         "",
         "| | |",
@@ -190,6 +193,7 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
         *(f"| train.{k} | {_short(v)} | {_short(params['train'][k])} |"
           for k, v in sorted(best.params.items())),
         "",
+        *confirmation_lines(confirmation),
         "Apply them (reruns train, evaluate and export; the search itself is not rerun):",
         "",
         "```",
@@ -210,16 +214,52 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
     return "\n".join(lines)
 
 
+def confirmation_lines(confirmation: Confirmation | None) -> list[str]:
+    """The confirmation table and its verdict, said plainly."""
+    if confirmation is None:
+        return ["Not confirmed with other seeds (tune.confirm.candidates: 0): the best trial "
+                "is one noisy run.", ""]
+    seeds = ", ".join(str(s) for s in confirmation.seeds)
+    lines = [
+        "## Confirmation with new seeds",
+        "",
+        f"Each candidate trained again with seeds {seeds}, at the full horizon:",
+        "",
+        "| candidate | values | val acc per seed | mean |",
+        "|---|---|---|---:|",
+    ]
+    for c in confirmation.candidates:
+        values = ", ".join(f"{k}={_short(v)}" for k, v in c.values.items())
+        accs = ", ".join(f"{a:.4f}" for a in c.val_acc)
+        lines.append(f"| {c.label} | {values} | {accs} | {c.mean:.4f} |")
+    lo, hi = confirmation.diff_ci95
+    lines += [
+        "",
+        f"Best: **{confirmation.best.label}**; best minus params.yaml: "
+        f"{confirmation.diff_mean:+.4f} (95% interval {lo:+.4f} to {hi:+.4f}). "
+        f"Verdict: {confirmation.verdict}.",
+        "",
+    ]
+    return lines
+
+
 def write_reports(study: optuna.Study, params: dict[str, Any],
-                  out_dir: str | Path = TUNE_DIR) -> dict[str, Any]:
+                  out_dir: str | Path = TUNE_DIR,
+                  confirmation: Confirmation | None = None) -> dict[str, Any]:
     """Publish every tune output at once; returns the summary plus the `dvc exp run` command.
 
     metrics.json holds the one number to compare (the best validation accuracy); the search's
-    bookkeeping (trials, pruning, compute saved) goes to run.json.
+    bookkeeping (trials, pruning, compute saved) and the confirmation go to run.json. With a
+    confirmation, the best named is the confirmed one, and best_params.yaml carries its
+    interval against params.yaml.
     """
     best = best_params(study)
+    if confirmation is not None:
+        best = {"train": dict(confirmation.best.values), "confirmation": confirmation.as_dict()}
     command = exp_run_command(best["train"])
     summary = summary_metrics(study, params)
+    if confirmation is not None:
+        summary["confirmation"] = confirmation.as_dict()
     with publish_dir(out_dir) as staging:
         write_text(staging / "trials.csv", trials_csv(study))
         write_text(staging / "best_params.yaml", yaml.safe_dump(best, sort_keys=True))
@@ -230,5 +270,6 @@ def write_reports(study: optuna.Study, params: dict[str, Any],
         for key in ("rho", "lr"):
             write_json(staging / "plots" / f"vs_{key}.json", versus_records(study, params, key))
         write_figures(study, params, staging / "figures")
-        write_text(staging / "report.md", report_markdown(study, params, summary, command))
+        write_text(staging / "report.md",
+                   report_markdown(study, params, summary, command, confirmation))
     return {**summary, "command": command, "best_params": best}
