@@ -283,9 +283,6 @@ class FakeExperiments:
         self.polls = 0
         self.seen_in_json: list[int] = []
 
-    def head(self) -> str:
-        return "cd" * 20
-
     def queue(self, job: Any) -> None:
         self.queued.append(job.name)
         self.params[job.name] = job.params
@@ -296,9 +293,10 @@ class FakeExperiments:
     def status(self) -> tuple[dict[str, str], int]:
         return {n: "Queued" for n in self.queued}, 1
 
-    def refs(self) -> dict[str, str]:
+    def refs(self) -> dict[str, tuple[str, str]]:
         self.polls += 1
-        return {name: f"{i:040x}" for i, name in enumerate(self.queued[: self.polls - 1])}
+        return {name: (f"{i:040x}", "cd" * 20)
+                for i, name in enumerate(self.queued[: self.polls - 1])}
 
     def files(self, rev: str) -> dict[str, Any]:
         held = json.loads(self.store.read_text())["runs"] if self.store.exists() else []
@@ -336,7 +334,7 @@ def test_a_finished_experiment_of_an_earlier_invocation_is_collected_not_rerun(
     progress = study.run_jobs(exps, plan.jobs, store, [], dirty=False, poll_s=0, status_s=60)
     assert progress.done == 1 and exps.queued == ["ss-sam-s0-abcdef"]  # nothing new queued
     [run] = json.loads(store.read_text())["runs"]
-    assert run["experiment"] == "ss-sam-s0-abcdef"
+    assert run["experiment"] == "ss-sam-s0-abcdef" and run["baseline_rev"] == "cd" * 20
 
 
 # --- end to end: real DVC experiments ----------------------------------------------------------
@@ -392,8 +390,10 @@ def test_smoke_study_queues_real_experiments_and_a_rerun_runs_nothing(tmp_path: 
     store = repo / "bench" / "results" / "sam_study_smoke.json"
     runs = json.loads(store.read_text())["runs"]
     assert sorted((r["row"], r["seed"]) for r in runs) == [("sam", 0), ("sgd", 0)]
+    head = _run(repo, "git", "rev-parse", "HEAD").stdout.strip()
     for run in runs:
         assert 0 <= run["test"]["accuracy"] <= 1 and "ece" in run["test"]
+        assert run["baseline_rev"] == head
         assert run["params"]["preprocess"]["train_subset"] == 1000
         assert run["params"]["train"]["optimizer"] == run["row"]
         # the result is a real experiment: its commit holds the metrics the JSON copied
