@@ -17,7 +17,8 @@ def main(params: dict[str, Any]) -> None:
     print(
         f"evaluate: {m['n_samples']:,} test images with {evaluation.backend_label}: "
         f"accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, "
-        f"log loss {m['log_loss']:.4f}, ECE {m['ece']:.4f} "
+        f"log loss {m['log_loss']:.4f}, ECE {m['ece']:.4f} ({m['ece_calibrated']:.4f} at "
+        f"temperature {m['temperature']:.3g}, fitted on the validation split) "
         f"in {time.perf_counter() - start:.1f} s -> {EVALUATE_DIR}/"
     )
 

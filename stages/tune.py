@@ -20,9 +20,14 @@ def main(params: dict) -> None:
     print(f"tune: best val_acc {summary['best_val_acc']:.4f}: {summary['best_params']['train']}; "
           f"{summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
           f"{summary['compute_saved_fraction']:.0%} of the epochs saved")
-    if confirmation is not None:
+    if confirmation is None:
+        print(f"tune: apply with: {summary['command']}")
+    elif confirmation.beats_default:
         print(f"tune: confirmed with seeds {confirmation.seeds}: {confirmation.verdict}")
-    print(f"tune: apply with: {summary['command']}")
+        print(f"tune: apply with: {summary['command']}")
+    else:
+        print(f"tune: confirmed with seeds {confirmation.seeds}: {confirmation.verdict}; "
+              f"to try {confirmation.best.label} anyway: {summary['command']}")
 
 
 if __name__ == "__main__":

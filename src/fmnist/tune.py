@@ -168,7 +168,7 @@ def budget_line(params: dict[str, Any], train_size: int, full_train_size: int) -
     confirm_runs = (confirm["candidates"] + 1) * confirm["seeds"] if confirm["candidates"] else 0
     runs = tune["trials"] + confirm_runs
     return (f"tune: budget: {tune['trials']} trials of up to {horizon(params)} epochs on "
-            f"{train_size:,} images (Hyperband stops most early) + {confirm_runs} confirmation "
+            f"{train_size:,} images (pruning stops most early) + {confirm_runs} confirmation "
             f"runs: at most {runs * per_run:.1f} train-stage equivalents")
 
 
@@ -261,11 +261,14 @@ def make_sampler(tune: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler
 
 
 def make_pruner(params: dict[str, Any]) -> optuna.pruners.BasePruner:
-    """Hyperband: successive halving from 1 epoch up to the full horizon, keeping a third at
-    each rung (rungs at 1, 3, 9 ... epochs)."""
+    """successive_halving: from 1 epoch up to the full horizon, a trial goes on past each rung
+    (1, 3, 9 ... epochs) only while in the best third there; hyperband runs several such
+    brackets with later first rungs (safer for slow starters, saves less with few trials)."""
     tune = params["tune"]
     if tune["pruner"] == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if tune["pruner"] == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if tune["pruner"] == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=horizon(params),
                                               reduction_factor=3)

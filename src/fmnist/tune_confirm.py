@@ -46,6 +46,10 @@ class Confirmation:
     diff_ci95: tuple[float, float]
     verdict: str
 
+    @property
+    def beats_default(self) -> bool:
+        return self.best.label != DEFAULT_LABEL and self.diff_ci95[0] > 0
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "seeds": self.seeds,
