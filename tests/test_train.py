@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist.accel import cpu_class
+from fmnist.accel import cpu_class, select_backend
 from fmnist.checkpoint import load_checkpoint
 from fmnist.constants import CLASS_NAMES
 from fmnist.data import Prepared, Split
+from fmnist.model import build_model
 from fmnist.modelfile import read_model_file
 from fmnist.params import load_params
-from fmnist.train import fit
+from fmnist.train import build_optimizer, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -473,3 +474,10 @@ def test_checkpoint_with_right_fingerprint_but_wrong_tensors_starts_over(
     fresh = fit(DATA, params, progress=False)
     assert _same_weights(resumed.model, fresh.model)
     assert _quality(resumed.history) == _quality(fresh.history)
+
+
+def test_asam_eta_from_params_reaches_the_optimizer() -> None:
+    params = tiny_params(optimizer="sam", adaptive=True, asam_eta=0.25)
+    model = build_model(params["model"])
+    _, optimizer = build_optimizer(model, params["train"], select_backend(params["ipex"], "cpu"))
+    assert optimizer.param_groups[0]["eta"] == 0.25 and optimizer.param_groups[0]["adaptive"]

@@ -222,6 +222,16 @@ def test_paired_interval_matches_a_hand_computation() -> None:
     lo, hi = paired_interval([0.01, 0.03])
     half = 12.7062047 * 0.0141421356 / 2**0.5
     assert lo == pytest.approx(0.02 - half, abs=1e-6) and hi == pytest.approx(0.02 + half, abs=1e-6)
+    # picked as the best of 2 candidates: t(1 - 0.025 / 2, 1) = 25.4517
+    lo2, _ = paired_interval([0.01, 0.03], comparisons=2)
+    assert lo2 == pytest.approx(0.02 - 25.4516986 * 0.0141421356 / 2**0.5, abs=1e-6)
+
+
+def test_two_seeds_that_agree_exactly_are_not_a_zero_width_interval() -> None:
+    from fmnist.tune_confirm import paired_interval
+
+    lo, hi = paired_interval([1 / 6000, 1 / 6000], resolution=1 / 6000)
+    assert lo < 0 < hi  # one validation image of spread: no "beyond noise" from two ties
 
 
 def test_verdict_says_plainly_whether_the_best_beats_the_default() -> None:
@@ -229,8 +239,8 @@ def test_verdict_says_plainly_whether_the_best_beats_the_default() -> None:
 
     trial = Candidate(label="trial 3", values={"lr": 0.2}, val_acc=[0.9, 0.91])
     default = Candidate(label=DEFAULT_LABEL, values={"lr": 0.1}, val_acc=[0.9, 0.9])
-    assert "beats the default beyond noise" in verdict_of(trial, (0.001, 0.02))
-    assert "within noise" in verdict_of(trial, (-0.01, 0.02))
+    assert "beats the default beyond seed noise" in verdict_of(trial, (0.001, 0.02))
+    assert "within seed noise" in verdict_of(trial, (-0.01, 0.02))
     assert "keep params.yaml" in verdict_of(default, (0.0, 0.0))
 
 
@@ -249,6 +259,16 @@ def test_confirmation_reruns_the_top_distinct_trials_and_the_default_and_resumes
     assert first.candidates[0].values == {k: params["train"][k] for k in sorted(GRID_KEYS)}
     assert all(len(c.val_acc) == 2 for c in first.candidates)
     assert first.best.mean == max(c.mean for c in first.candidates)
+    # best_params.yaml names params.yaml unless the winner beats it beyond noise
+    out = tmp_path / "reports"
+    write_reports(study, params, out, first)
+    saved = yaml.safe_load((out / "best_params.yaml").read_text())
+    named = first.best.values if first.beats_default else first.candidates[0].values
+    assert saved["train"] == named and saved["best_candidate"]["train"] == first.best.values
+    assert saved["confirmation"]["verdict"] == first.verdict
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_val_acc"] == pytest.approx(
+        (first.best if first.beats_default else first.candidates[0]).mean)
     # every run is stored in the study: a second confirmation trains nothing
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a stored confirmation run was trained again")
@@ -264,9 +284,12 @@ GRID_KEYS = ("lr", "rho", "batch_size")
 def test_budget_line_counts_trials_and_confirmation_in_train_stage_runs() -> None:
     from fmnist.tune import budget_line
 
-    params = tiny_params(trials=8, epochs=None, confirm={"candidates": 2, "seeds": 2})
+    params = tiny_params(trials=8, epochs=None, confirm={"candidates": 2, "seeds": 2},
+                         pruner="successive_halving")
     params["train"]["epochs"] = 16
-    # (8 trials + 3 candidates x 2 seeds) x 16 epochs x 4,000 / (16 epochs x 54,000) = 1.04
-    line = budget_line(params, 4000, 54000)
+    # (8 trials + 3 candidates x 2 seeds) x (4,000 + 6,000 / 3) / (54,000 + 6,000 / 3) = 1.5
+    line = budget_line(params, 4000, 54000, 6000)
     assert "8 trials of up to 16 epochs" in line and "6 confirmation runs" in line
-    assert "at most 1.0 train-stage equivalents" in line
+    assert "about 1.5 train-stage runs before pruning" in line and "pruning stops" in line
+    params["tune"]["pruner"] = "none"
+    assert "(no pruning)" in budget_line(params, 4000, 54000, 6000)

@@ -15,11 +15,13 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from fmnist.constants import MAX_TEMPERATURE, MIN_TEMPERATURE
 from fmnist.errors import FmnistError
 
-# Search range of T: far wider than any trained model needs, and keeps logits / T finite.
-MIN_TEMPERATURE = 0.05
-MAX_TEMPERATURE = 20.0
+# Significant digits kept: the fit's own tolerance is far below them, so logits that differ in
+# their last bits (another CPU's kernels) still give the same bytes downstream.
+DIGITS = 4
+
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -30,15 +32,15 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T minimizing the validation NLL (a bounded 1-D search over log T), rounded to 6
-    significant digits so that the same logits give the same bytes downstream."""
+    """The T minimizing the validation NLL (a bounded 1-D search over log T, far wider than
+    any trained model needs), rounded to DIGITS significant digits."""
     result = minimize_scalar(
         lambda log_t: nll(logits, labels, math.exp(log_t)),
         bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)),
         method="bounded",
         options={"xatol": 1e-6},
     )
-    return float(f"{math.exp(result.x):.6g}")
+    return float(f"{math.exp(result.x):.{DIGITS}g}")
 
 
 def read_temperature(path: str | Path) -> float:
@@ -49,7 +51,8 @@ def read_temperature(path: str | Path) -> float:
         raise FmnistError(f"{path}: not found: run the evaluate stage first") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FmnistError(f"{path}: unreadable calibration ({exc})") from None
-    if not isinstance(value, (int, float)) or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
         raise FmnistError(f"{path}: temperature {value!r} outside "
                           f"[{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
     return float(value)

@@ -64,5 +64,9 @@ TUNE_STUDY_DIR = "checkpoints/tune"
 EVALUATE_DIR = "reports/evaluate"
 # Written by evaluate, read by export: the temperature fitted on the validation split.
 CALIBRATION_FILE = "reports/evaluate/calibration.json"
+# The range a fitted temperature may take (the fit's search range; model files are checked
+# against it too).
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
 EXPORT_DIR = "export"
 EXPORT_REPORT_DIR = "reports/export"

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from fmnist.atomic import write_bytes
-from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NORM_MEAN, NORM_STD
+from fmnist.constants import (
+    CLASS_NAMES,
+    INPUT_SHAPE,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    NORM_MEAN,
+    NORM_STD,
+)
 from fmnist.errors import FmnistError
 from fmnist.model import FLIP_TTA, TEMPERATURE, build_model, model_config
 from fmnist.params import schema
@@ -118,7 +125,7 @@ def check_model_config(config: Any, source: str | Path) -> None:
     section["properties"] = {
         **section["properties"],
         FLIP_TTA: {"type": "boolean"},
-        TEMPERATURE: {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+        TEMPERATURE: {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
     }
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(section).iter_errors(config)

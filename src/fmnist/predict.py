@@ -155,7 +155,7 @@ def classify(
         return []
     logits = predict_logits(classifier.model, np.stack(images), batch_size=BATCH_SIZE)
     # calibrated: the temperature evaluate fitted travels in the exported model's config
-    logits = logits.astype(np.float64) / getattr(classifier.model, "temperature", 1.0)
+    logits = logits.astype(np.float64) / classifier.model.temperature
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)

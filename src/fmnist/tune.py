@@ -160,16 +160,23 @@ def trial_params(params: dict[str, Any], values: dict[str, Any], *,
     return out
 
 
-def budget_line(params: dict[str, Any], train_size: int, full_train_size: int) -> str:
-    """What the search will cost at most, in runs of the train stage, printed before it starts."""
+def budget_line(params: dict[str, Any], train_size: int, full_train_size: int,
+                val_size: int = 0) -> str:
+    """What the search will cost, in runs of the train stage, printed before it starts.
+
+    Each epoch also scores the validation split: a forward pass, counted as a third of a
+    training image.
+    """
     tune = params["tune"]
-    per_run = horizon(params) * train_size / (params["train"]["epochs"] * full_train_size)
+    per_image = (train_size + val_size / 3) / (full_train_size + val_size / 3)
+    per_run = horizon(params) / params["train"]["epochs"] * per_image
     confirm = tune["confirm"]
     confirm_runs = (confirm["candidates"] + 1) * confirm["seeds"] if confirm["candidates"] else 0
-    runs = tune["trials"] + confirm_runs
-    return (f"tune: budget: {tune['trials']} trials of up to {horizon(params)} epochs on "
-            f"{train_size:,} images (pruning stops most early) + {confirm_runs} confirmation "
-            f"runs: at most {runs * per_run:.1f} train-stage equivalents")
+    trials = target_trials(tune)
+    pruning = "no pruning" if tune["pruner"] == "none" else "pruning stops most of them early"
+    return (f"tune: budget: {trials} trials of up to {horizon(params)} epochs on "
+            f"{train_size:,} images ({pruning}) + {confirm_runs} confirmation runs: about "
+            f"{(trials + confirm_runs) * per_run:.1f} train-stage runs before pruning")
 
 
 # --- study identity and storage ---------------------------------------------------------------
@@ -316,7 +323,7 @@ class Objective:
 
         def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
             seen.append(float(stats["val_acc"]))
-            step = len(seen) - 1
+            step = len(seen)  # epochs run: the pruner's rungs (1, 3, 9) are epochs
             trial.set_user_attr("epochs_run", len(seen))
             trial.report(seen[-1], step)
             # Pruning after the last epoch saves nothing and throws a finished result away.
@@ -458,7 +465,8 @@ def _run_study(data: Prepared, params: dict[str, Any], *, study_dir: str | Path,
     if progress:
         full = len(data.train.labels)
         subset = tune["train_subset"]
-        print(budget_line(params, min(subset or full, full), full), flush=True)
+        print(budget_line(params, min(subset or full, full), full, len(data.val.labels)),
+              flush=True)
         print(f"tune: study {name} in {safe_url(url)}: {finished} of {target} trials finished, "
               f"{max(0, target - finished)} to run on {workers} worker(s)", flush=True)
     if finished < target:

@@ -10,6 +10,7 @@ confirmation resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -65,31 +66,45 @@ class Confirmation:
         }
 
 
+def _store_key(values: dict[str, Any], seed: int) -> str:
+    """A short study attribute key (RDB storages cap keys at 512 characters)."""
+    text = json.dumps({"values": values, "seed": seed}, sort_keys=True)
+    return ATTR_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def confirm_seeds(params: dict[str, Any]) -> list[int]:
     """New seeds, never the search's own: params seed + 1, + 2, ..."""
     return [params["seed"] + 1 + i for i in range(params["tune"]["confirm"]["seeds"])]
 
 
-def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The k best complete trials with distinct values, best first (ties: earlier first)."""
+def top_trials(study: optuna.Study, k: int,
+               exclude: dict[str, Any] | None = None) -> list[FrozenTrial]:
+    """The k best complete trials with distinct values other than `exclude` (the default's),
+    best first (ties: earlier first)."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if not t.user_attrs.get("surplus")]
     chosen: list[FrozenTrial] = []
     for t in sorted(complete, key=lambda t: (-t.value, t.number)):
-        if all(t.params != c.params for c in chosen):
+        if t.params != exclude and all(t.params != c.params for c in chosen):
             chosen.append(t)
         if len(chosen) == k:
             break
     return chosen
 
 
-def paired_interval(diffs: list[float]) -> tuple[float, float]:
-    """95% t interval of the mean of paired differences (one per seed)."""
+def paired_interval(diffs: list[float], *, comparisons: int = 1,
+                    resolution: float = 0.0) -> tuple[float, float]:
+    """95% t interval of the mean of paired differences (one per seed), Bonferroni-widened
+    for `comparisons` candidates (the best was picked among them on these same seeds), with
+    the spread floored at `resolution` (one validation image): two seeds that happen to agree
+    exactly are not a zero-width interval."""
     n = len(diffs)
     mean = float(np.mean(diffs))
     if n < 2:
         return (-math.inf, math.inf)
-    half = float(stats.t.ppf(0.975, n - 1)) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    quantile = float(stats.t.ppf(1 - 0.025 / max(1, comparisons), n - 1))
+    spread = max(float(np.std(diffs, ddof=1)), resolution)
+    half = quantile * spread / math.sqrt(n)
     return (mean - half, mean + half)
 
 
@@ -97,8 +112,9 @@ def verdict_of(best: Candidate, interval: tuple[float, float]) -> str:
     if best.label == DEFAULT_LABEL:
         return "the default is the best candidate: keep params.yaml"
     if interval[0] > 0:
-        return "the best beats the default beyond noise (95% interval above 0)"
-    return "the default is within noise of the best (95% interval includes 0): keep params.yaml"
+        return "the best beats the default beyond seed noise (95% interval above 0)"
+    return ("the default is within seed noise of the best (95% interval includes 0): "
+            "keep params.yaml")
 
 
 def run_confirmation(data: Any, params: dict[str, Any], study: optuna.Study, *,
@@ -115,27 +131,29 @@ def run_confirmation(data: Any, params: dict[str, Any], study: optuna.Study, *,
     default = {key: params["train"][key] for key in sorted(tune["space"])}
     entries = [(DEFAULT_LABEL, default)]
     entries += [(f"trial {t.number}", dict(sorted(t.params.items())))
-                for t in top_trials(study, k) if t.params != default]
+                for t in top_trials(study, k, exclude=default)]
     stored = study.user_attrs
     candidates = []
     for label, values in entries:
         accs = []
         for seed in seeds:
-            key = ATTR_PREFIX + json.dumps({"values": values, "seed": seed}, sort_keys=True)
+            key = _store_key(values, seed)
             if key not in stored:
                 run = trial_params(params, values)
                 run["seed"] = seed
                 result = fit(data, run, train_subset=tune["train_subset"], progress=False)
-                study.set_user_attr(key, float(result.metrics["val_acc"]))
+                study.set_user_attr(key, {"values": values, "seed": seed,
+                                          "val_acc": float(result.metrics["val_acc"])})
                 stored = study.user_attrs
                 if progress:
                     print(f"tune: confirm {label} seed {seed}: val_acc "
-                          f"{stored[key]:.4f} ({horizon(params)} epochs)", flush=True)
-            accs.append(float(stored[key]))
+                          f"{stored[key]['val_acc']:.4f} ({horizon(params)} epochs)", flush=True)
+            accs.append(float(stored[key]["val_acc"]))
         candidates.append(Candidate(label=label, values=values, val_acc=accs))
     best = max(candidates, key=lambda c: (c.mean, c.label == DEFAULT_LABEL))
     diffs = [b - d for b, d in zip(best.val_acc, candidates[0].val_acc, strict=True)]
-    interval = paired_interval(diffs)
+    interval = paired_interval(diffs, comparisons=len(candidates) - 1,
+                               resolution=1 / len(data.val.labels))
     return Confirmation(seeds=seeds, candidates=candidates, best=best,
                         diff_mean=float(np.mean(diffs)), diff_ci95=interval,
                         verdict=verdict_of(best, interval))
