@@ -32,7 +32,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     complete = [t for t in reported_trials(study) if t.state == TrialState.COMPLETE]
     if not complete:
         raise FmnistError(f"tune: study {study.study_name}: no trial completed "
-                          "(all pruned or failed); raise tune.epochs or use tune.pruner: none")
+                          "(all pruned or failed); raise tune.trials or use tune.pruner: none")
     # Highest value; the earliest trial wins a tie, so the choice does not depend on timing.
     return max(complete, key=lambda t: (t.value, -t.number))
 
