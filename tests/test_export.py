@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import warnings
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import fmnist
-from fmnist import export, pt2
+from fmnist import export, pt2, signals
 from fmnist.constants import CALIBRATION_FILE, CLASS_NAMES
 from fmnist.errors import FmnistError
 from fmnist.h5weights import FORMAT, load_h5_model, save_h5
@@ -572,3 +573,32 @@ def test_a_fifo_named_pt2_is_refused_without_reading_it(tmp_path: Path) -> None:
     os.mkfifo(fifo)  # reading it would block forever
     with pytest.raises(FmnistError, match=r"model\.pt2: not a regular file"):
         fmnist.load_model(str(fifo))
+
+
+class _InterruptsItsTrace(torch.nn.Module):
+    """Sends this process SIGINT from inside torch.export's trace, then records how far it got."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGINT)
+        _TRACE_EVENTS.append("forward finished")
+        return x.flatten(1)[:, :10]
+
+
+_TRACE_EVENTS: list[str] = []
+
+
+def test_a_signal_during_the_pt2_trace_waits_for_the_trace_to_end(tmp_path: Path) -> None:
+    """An interrupt raised inside the trace (Python called from torch's C++ dispatcher) can
+    abort the whole process with SIGABRT; the stage must instead end with its one line."""
+    previous = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
+    _TRACE_EVENTS.clear()
+    signals.install()
+    try:
+        with pytest.raises(signals.Interrupted):
+            export.export_program(_InterruptsItsTrace(), tmp_path / "model.pt2")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.reset()
+    assert _TRACE_EVENTS and all(e == "forward finished" for e in _TRACE_EVENTS)
+    assert not list(tmp_path.iterdir()), "nothing is written when the export is interrupted"

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmnist import load_model
+from fmnist import load_model, signals
 from fmnist.atomic import Publication, atomic_path, publishing
 from fmnist.constants import INPUT_SHAPE, NUM_CLASSES
 from fmnist.errors import FmnistError, first_line
@@ -104,12 +104,15 @@ def export_program(model: nn.Module, path: str | Path) -> None:
     """Write a torch.export program (.pt2) with a dynamic batch dimension, atomically.
 
     The archive is checked before it is written: no pickled member, nothing fmnist.load_model
-    would refuse (pt2.check_archive).
+    would refuse (pt2.check_archive). Tracing runs Python from inside torch's C++ dispatcher,
+    where an interrupt raised mid-way aborts the process (SIGABRT, a C++ stack trace), so a
+    signal waits for the trace to end.
     """
     try:
-        program = torch.export.export(
-            frozen_copy(model), _example_input(), dynamic_shapes=_dynamic_batch()
-        )
+        with signals.deferred():
+            program = torch.export.export(
+                frozen_copy(model), _example_input(), dynamic_shapes=_dynamic_batch()
+            )
     except Exception as exc:  # torch raises many types; say which format failed
         raise FmnistError(f"{path}: torch.export failed: {first_line(exc)}") from None
     data = program_bytes(program, path)

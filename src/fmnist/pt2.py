@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.export.pt2_archive import constants as layout
 
+from fmnist import signals
 from fmnist.errors import FmnistError, first_line
 
 SUFFIX = ".pt2"
@@ -117,12 +118,15 @@ def load_program(path: str | Path, *, map_location: str | torch.device = "cpu") 
         raise FmnistError(f"model file {path}: cannot read: {exc.strerror or exc}") from None
     check_archive(data, path)
     try:
-        program = torch.export.load(io.BytesIO(data))
-        if torch.device(map_location).type != "cpu":
-            from torch.export.passes import move_to_device_pass
+        # Loading runs Python from inside torch's C++ code, where an interrupt raised mid-way
+        # aborts the process: a signal waits for the load to end.
+        with signals.deferred():
+            program = torch.export.load(io.BytesIO(data))
+            if torch.device(map_location).type != "cpu":
+                from torch.export.passes import move_to_device_pass
 
-            program = move_to_device_pass(program, map_location)
-        module = program.module()
+                program = move_to_device_pass(program, map_location)
+            module = program.module()
     except Exception as exc:  # torch raises many types; the file passed the layout check
         problem = first_line(exc)
         raise FmnistError(f"model file {path}: cannot load the program: {problem}") from None
