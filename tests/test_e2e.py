@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from project_files import deep_update, published_outputs
 from test_plots_browser import CHROMIUM, browser_dom, drawn_plots, plot_ids
 
 from fmnist.constants import PREPARED_FILE
@@ -43,14 +44,6 @@ SMALL_SLICE = {
     "tune": {"trials": 2, "epochs": 1, "train_subset": 500},
     "export": {"parity_samples": 200},
 }
-
-
-def _deep_update(target: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            _deep_update(target[key], value)
-        else:
-            target[key] = value
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -92,7 +85,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    _deep_update(params, SMALL_SLICE)
+    deep_update(params, SMALL_SLICE)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(repo, "git", "init", "-q", "-b", "main")
     _run(repo, "git", "add", "-A")
@@ -214,22 +207,12 @@ def test_exp_run_with_new_rho_reruns_only_downstream_and_diff_shows_it(pipeline:
     assert "train.rho" in params_diff.stdout
 
 
-def _outputs(repo: Path) -> dict[str, bytes]:
-    """Every file the stages publish."""
-    return {
-        path.relative_to(repo).as_posix(): path.read_bytes()
-        for top in ("data", "models", "reports", "export")
-        for path in sorted((repo / top).rglob("*"))
-        if path.is_file()
-    }
-
-
 def test_failed_repro_keeps_every_previous_output(pipeline: Path, tmp_path: Path) -> None:
     """DVC deletes a stage's outputs before running it unless they are `persist: true`; the
     stages then publish all or nothing, so a failure leaves the last good result."""
     params_file = pipeline / "params.yaml"
     committed = params_file.read_text()
-    before = _outputs(pipeline)
+    before = published_outputs(pipeline)
 
     def edited(section: str, key: str, value: object) -> str:
         params = yaml.safe_load(committed)
@@ -251,7 +234,7 @@ def test_failed_repro_keeps_every_previous_output(pipeline: Path, tmp_path: Path
                                   text=True, timeout=600)
             assert proc.returncode != 0, (text, proc.stdout)
             assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-            assert _outputs(pipeline) == before, f"{' '.join(command)} changed outputs"
+            assert published_outputs(pipeline) == before, f"{' '.join(command)} changed outputs"
             if stage is not None:
                 assert f"{stage}:" in _run(pipeline, "dvc", "status", stage).stdout
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from project_files import deep_update, published_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -69,14 +70,6 @@ def _can_mount() -> bool:
 needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount (tmpfs)")
 
 
-def _update(target: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            _update(target[key], value)
-        else:
-            target[key] = value
-
-
 def _stage(cwd: Path, name: str, **popen: object) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
            "PYTHONDONTWRITEBYTECODE": "1"}
@@ -88,16 +81,6 @@ def _run_stage(cwd: Path, name: str) -> tuple[int, str]:
     proc = _stage(cwd, name)
     _, err = proc.communicate(timeout=TIMEOUT_S)
     return proc.returncode, err
-
-
-def _outputs(root: Path) -> dict[str, bytes]:
-    """Every file a stage publishes (checkpoints/ is resume state, not an output)."""
-    return {
-        path.relative_to(root).as_posix(): path.read_bytes()
-        for top in ("data", "models", "reports", "export")
-        for path in sorted((root / top).rglob("*"))
-        if path.is_file()
-    }
 
 
 def _size(root: Path, names: list[str]) -> int:
@@ -121,7 +104,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("failures") / "project"
     shutil.copytree(REPO / "stages", root / "stages")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    _update(params, SLICE)
+    deep_update(params, SLICE)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for name in STAGES:
         code, err = _run_stage(root, name)
@@ -172,11 +155,11 @@ def _fill(path: Path, free: int) -> None:
 @pytest.mark.parametrize("name", STAGES)
 def test_full_disk_is_one_line_and_keeps_the_previous_outputs(project: Path, name: str) -> None:
     with _tmpfs_copy(project, free=_size(project, OUTPUTS[name]) // 2) as copy:
-        before = _outputs(copy)
+        before = published_outputs(copy)
         code, err = _run_stage(copy, name)
         assert code == 1, err[-3000:]
         assert _leftovers(copy) == []
-        assert _outputs(copy) == before
+        assert published_outputs(copy) == before
         _assert_one_line_failure(name, err, "No space left on device")
 
 
@@ -184,11 +167,11 @@ def test_full_disk_is_one_line_and_keeps_the_previous_outputs(project: Path, nam
 @pytest.mark.parametrize("name", STAGES)
 def test_read_only_checkout_is_one_line_and_changes_nothing(project: Path, name: str) -> None:
     with _tmpfs_copy(project, read_only=True) as copy:
-        before = _outputs(copy)
+        before = published_outputs(copy)
         code, err = _run_stage(copy, name)
         assert code == 1, err[-3000:]
         _assert_one_line_failure(name, err, "Read-only file system")
-        assert _outputs(copy) == before
+        assert published_outputs(copy) == before
 
 
 def _new_temporary_file(root: Path, before: set[Path]) -> bool:
@@ -219,7 +202,7 @@ def test_signal_ends_the_stage_with_its_code_and_leaves_the_previous_outputs(
         params["train"]["epochs"] = 4
         params["tune"]["epochs"] = 4
         (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = _outputs(copy)
+    before = published_outputs(copy)
     existing = set(copy.rglob("*.tmp"))
     proc = _stage(copy, name)
     deadline = time.monotonic() + TIMEOUT_S
@@ -233,5 +216,5 @@ def test_signal_ends_the_stage_with_its_code_and_leaves_the_previous_outputs(
     _, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 128 + signum, err[-3000:]
     assert _leftovers(copy) == []
-    assert _outputs(copy) == before
+    assert published_outputs(copy) == before
     _assert_one_line_failure(name, err, f"interrupted ({signal.Signals(signum).name})")
