@@ -24,6 +24,8 @@ import argparse
 import copy
 import hashlib
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -78,6 +80,8 @@ RECIPES = {
                        SMALL, _late(16, 0.75)),
     "late-e12": Recipe("16/32/64/128 x2 (4 blocks), 12 epochs, SAM in the second half, EMA",
                        SMALL_DEEP, _late(12)),
+    "late-e16": Recipe("16/32/64/128 x2 (4 blocks), 16 epochs, SAM in the last quarter, EMA",
+                       SMALL_DEEP, _late(16, 0.75)),
     "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
                        WIDE_SHALLOW, _late(12)),
     "late-c10": Recipe("24/48/96 x2, 10 epochs, SAM in the second half, EMA", MEDIUM, _late(10)),
@@ -112,9 +116,39 @@ def recipe_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Environment variables that make a CPU pose as a lesser one (the Xeon run as an AVX2-only CPU):
+# such a run estimates the other class; it is not a measurement on it.
+ISA_LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def isa_limit() -> str:
+    """'' on a CPU running as itself, else the limiting variables as `NAME=value ...`."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name))
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo), for telling machines of one class apart."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run_key(run: dict[str, Any]) -> str:
-    return "|".join(str(run[k]) for k in ("recipe", "recipe_hash", "seed", "cpu_class", "dtype",
-                                           "threads"))
+    """Runs older than the isa_limit field were all on CPUs running as themselves but one,
+    which the JSON marks by hand."""
+    fields = [str(run[k]) for k in ("recipe", "recipe_hash", "seed", "cpu_class", "dtype",
+                                    "threads")]
+    return "|".join([*fields, run.get("isa_limit", "")])
+
+
+def class_label(run: dict[str, Any]) -> str:
+    """The CPU class a table row names; an ISA-limited run says it was one."""
+    return f"{run['cpu_class']} (emulated)" if run.get("isa_limit") else run["cpu_class"]
 
 
 def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
@@ -134,6 +168,8 @@ def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
         "recipe_hash": recipe_hash(params),
         "seed": params["seed"],
         "cpu_class": cpu_class(),
+        "isa_limit": isa_limit(),
+        "cpu_model": cpu_model(),
         "dtype": dtype_name(backend.dtype),
         "threads": torch.get_num_threads(),
         "torch_version": str(torch.__version__),
@@ -166,7 +202,7 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str
     flip_tta = base["evaluate"]["flip_tta"]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["cpu_class"], run["dtype"], run["recipe"]), []).append(run)
+        groups.setdefault((class_label(run), run["dtype"], run["recipe"]), []).append(run)
     rows = []
     for (cpu, dtype, name), members in sorted(groups.items()):
         accs = [shipped_accuracy(m, flip_tta) for m in members]
@@ -303,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in wanted:
                 params = recipe_params(base, RECIPES[name], seed)
                 key = {"recipe": name, "recipe_hash": recipe_hash(params), "seed": seed,
-                       "cpu_class": cpu_class(), "dtype": dtype, "threads": args.threads}
+                       "cpu_class": cpu_class(), "dtype": dtype, "threads": args.threads,
+                       "isa_limit": isa_limit()}
                 if run_key(key) in done:
                     continue
                 print(f"time_to_accuracy: {name} seed {seed} ({cpu_class()}, {dtype})",

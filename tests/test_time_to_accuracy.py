@@ -1,0 +1,62 @@
+"""bench/time_to_accuracy.py: a run on a CPU posing as a lesser one is kept apart from a run on
+the real one (its key, its table row and its frontier), without training anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fmnist.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_bench() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "time_to_accuracy", REPO / "bench" / "time_to_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["time_to_accuracy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _run(isa_limit: str | None, test_acc: float, seconds: float) -> dict[str, Any]:
+    run = {"recipe": "late-b16", "recipe_hash": "abc", "seed": 0, "cpu_class": "AVX2",
+           "dtype": "float32", "threads": 2, "train_seconds": seconds, "test_acc": test_acc,
+           "test_acc_flip_tta": test_acc, "val_acc": test_acc, "images_per_s_median": 1.0}
+    if isa_limit is not None:
+        run["isa_limit"] = isa_limit
+    return run
+
+
+def test_isa_limit_names_the_variables_that_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in bench.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert bench.isa_limit() == ""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert bench.isa_limit() == "ONEDNN_MAX_CPU_ISA=AVX2"
+
+
+def test_an_emulated_run_does_not_stand_for_a_run_on_the_real_class() -> None:
+    real, older_real = _run("", 0.94, 600), _run(None, 0.94, 600)
+    emulated = _run("ONEDNN_MAX_CPU_ISA=AVX2", 0.93, 590)
+    assert bench.run_key(real) == bench.run_key(older_real)  # old runs: on the real class
+    assert bench.run_key(emulated) != bench.run_key(real)
+
+
+def test_emulated_and_real_runs_get_their_own_rows_and_frontiers() -> None:
+    base = load_params(REPO / "params.yaml")
+    rows = bench.summarize([_run("", 0.94, 600), _run("ATEN_CPU_CAPABILITY=avx2", 0.93, 590)],
+                           base)
+    assert sorted(r["cpu_class"] for r in rows) == ["AVX2", "AVX2 (emulated)"]
+    # each is alone in its class, so each is on its own frontier: the faster emulated run
+    # does not push the real one off it
+    assert all(r["frontier"] for r in rows)
+    assert "AVX2 (emulated)" in bench.markdown(rows)
