@@ -192,6 +192,18 @@ def test_pt2_runs_with_torch_alone_and_matches(tmp_path: Path) -> None:
             torch.testing.assert_close(program(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_pt2_carries_the_class_names_and_the_temperature(tmp_path: Path) -> None:
+    model = _trained_like_model()
+    export.export_program(model, tmp_path / "model.pt2", {**CONFIG, "temperature": 1.75})
+    program = fmnist.load_model(str(tmp_path / "model.pt2"))
+    assert program.temperature == 1.75
+    assert program.config["class_names"] == list(CLASS_NAMES)
+    assert program.config["model_config"]["channels"] == CONFIG["channels"]
+    extra = {pt2.CONFIG_FILE: ""}  # torch alone reads it too
+    torch.export.load(tmp_path / "model.pt2", extra_files=extra)
+    assert json.loads(extra[pt2.CONFIG_FILE])["model_config"]["temperature"] == 1.75
+
+
 def test_pt2_rewrite_is_byte_identical(tmp_path: Path) -> None:
     model = _trained_like_model()
     export.export_program(model, tmp_path / "a.pt2")
@@ -342,7 +354,20 @@ def _tamper_program(src: Path, dst: Path, marker: Path, key: str) -> Path:
     return _rewrite(src, dst, {pt2.PROGRAM: json.dumps(program).encode()}, {})
 
 
+def _tamper_config(src: Path, dst: Path, marker: Path, text: bytes) -> Path:
+    return _rewrite(src, dst, {}, {pt2.CONFIG: text})
+
+
 TAMPERINGS = {
+    "config_not_json": (
+        lambda src, dst, marker: _tamper_config(src, dst, marker, b"temperature = 2"),
+        r"extra/fmnist\.json is not valid JSON",
+    ),
+    "config_temperature": (
+        lambda src, dst, marker: _tamper_config(
+            src, dst, marker, b'{"model_config": {"temperature": "nan"}}'),
+        r"extra/fmnist\.json has no usable temperature \('nan'\), refused",
+    ),
     "sample_inputs": (_tamper_sample_inputs, SAMPLE_INPUTS_REFUSED),
     "weight": (_tamper_weight, r"holds pickled objects \(data/weights/weight_0\)"),
     "legacy_weights": (_tamper_legacy_weights, r"unexpected member data/weights/model\.pt"),

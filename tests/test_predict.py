@@ -18,6 +18,7 @@ from PIL import Image
 
 from fmnist.constants import CLASS_NAMES
 from fmnist.errors import FmnistError
+from fmnist.export import export_program
 from fmnist.h5weights import save_h5
 from fmnist.inference import predict_logits
 from fmnist.model import build_model
@@ -85,10 +86,15 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
     save_model(_model(), CONFIG, folder / "model.pth")
     save_h5(_model(), CONFIG, folder / "weights.h5")
-    return {"pth": folder / "model.pth", "h5": folder / "weights.h5"}
+    export_program(_model(), folder / "model.pt2", CONFIG)
+    return {"pth": folder / "model.pth", "h5": folder / "weights.h5", "pt2": folder / "model.pt2"}
 
 
-@pytest.mark.parametrize("fmt", ["pth", "h5"])
+SAVERS = {"pth": save_model, "h5": save_h5, "pt2": lambda m, c, p: export_program(m, p, c)}
+FILE_NAMES = {"pth": "model.pth", "h5": "weights.h5", "pt2": "model.pt2"}
+
+
+@pytest.mark.parametrize("fmt", ["pth", "h5", "pt2"])
 def test_png_predictions_match_predict_logits_on_the_arrays(
     tmp_path: Path, model_files: dict[str, Path], fmt: str
 ) -> None:
@@ -116,13 +122,13 @@ def test_png_predictions_match_predict_logits_on_the_arrays(
         assert top[0]["probability"] == pytest.approx(row.max(), abs=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["pth", "h5"])
+@pytest.mark.parametrize("fmt", ["pth", "h5", "pt2"])
 def test_probabilities_are_calibrated_by_the_temperature_the_model_file_carries(
     tmp_path: Path, fmt: str
 ) -> None:
     calibrated = {**CONFIG, "temperature": 0.25}
-    path = tmp_path / ("model.pth" if fmt == "pth" else "weights.h5")
-    (save_model if fmt == "pth" else save_h5)(_model(), calibrated, path)
+    path = tmp_path / FILE_NAMES[fmt]
+    SAVERS[fmt](_model(), calibrated, path)
     image = _garment_like(1, seed=5)
     Image.fromarray(image[0], "L").save(tmp_path / "x.png")
     logits = torch.from_numpy(predict_logits(_model(), image, batch_size=1)).double()
@@ -135,10 +141,21 @@ def test_probabilities_are_calibrated_by_the_temperature_the_model_file_carries(
     assert abs(expected.max() - torch.softmax(logits, 1).numpy().max()) > 1e-3  # T mattered
 
 
-def test_negative_temperature_in_a_model_file_is_refused(tmp_path: Path) -> None:
-    save_model(_model(), {**CONFIG, "temperature": -1.0}, tmp_path / "model.pth")
+@pytest.mark.parametrize("fmt", ["pth", "pt2"])
+def test_negative_temperature_in_a_model_file_is_refused(tmp_path: Path, fmt: str) -> None:
+    SAVERS[fmt](_model(), {**CONFIG, "temperature": -1.0}, tmp_path / FILE_NAMES[fmt])
     with pytest.raises(FmnistError, match="temperature"):
-        load_classifier(tmp_path / "model.pth")
+        load_classifier(tmp_path / FILE_NAMES[fmt])
+
+
+def test_a_pt2_without_class_names_asks_to_be_re_exported(tmp_path: Path) -> None:
+    export_program(_model(), tmp_path / "model.pt2")  # as exports before the JSON member
+    done = _cli("predict", str(tmp_path / "model.pt2"), "--model", str(tmp_path / "model.pt2"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"fmnist predict: model file {tmp_path / 'model.pt2'}: no class names in extra/fmnist.json "
+        "(exported before .pt2 files carried them): re-export it (dvc repro export)"
+    ]
 
 
 def test_text_output_names_the_top_classes(tmp_path: Path, model_files: dict[str, Path]) -> None:

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"model file, .pth or .h5 (default: {DEFAULT_MODEL})",
+        help=f"model file, .pth, .h5 or .pt2 (default: {DEFAULT_MODEL})",
     )
     predict.add_argument(
         "--top-k", type=_positive_int, default=3, help="classes shown per image (default: 3)"

@@ -4,7 +4,8 @@ Formats (file names inside the export folder):
 - `model.pth`  the project's model file (modelfile.save_model): tensors and plain types only,
   `torch.load(path, weights_only=True)` reads it, `fmnist.load_model(path)` rebuilds the model.
 - `weights.h5` the same weights as plain HDF5 (h5weights.py documents the layout).
-- `model.pt2`  a self-contained program (torch.export) with no pickled member (pt2.py):
+- `model.pt2`  a self-contained program (torch.export) with no pickled member (pt2.py), its
+  class names and model config (temperature included) in the JSON member extra/fmnist.json:
   `fmnist.load_model(path)` checks the archive before torch opens it; x float32
   (B, 1, 28, 28) raw 0..255 pixels, any B >= 1. Without this package,
   `torch.export.load(path).module()(x)` runs it too, but runs whatever a tampered file holds.
@@ -36,10 +37,11 @@ from torch import nn
 
 from fmnist import load_model, signals
 from fmnist.atomic import Publication, atomic_path, publishing
-from fmnist.constants import INPUT_SHAPE, NUM_CLASSES
+from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES
 from fmnist.errors import FmnistError, first_line
 from fmnist.h5weights import save_h5
 from fmnist.inference import predict_logits
+from fmnist.model import model_config
 from fmnist.modelfile import save_model
 from fmnist.pt2 import program_bytes
 
@@ -100,8 +102,11 @@ def _dynamic_batch() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
-def export_program(model: nn.Module, path: str | Path) -> None:
-    """Write a torch.export program (.pt2) with a dynamic batch dimension, atomically.
+def export_program(
+    model: nn.Module, path: str | Path, config: dict[str, Any] | None = None
+) -> None:
+    """Write a torch.export program (.pt2) with a dynamic batch dimension, atomically; `config`
+    (the model config, temperature included) and the class names go in as its fmnist.json.
 
     The archive is checked before it is written: no pickled member, nothing fmnist.load_model
     would refuse (pt2.check_archive). Tracing runs Python from inside torch's C++ dispatcher,
@@ -115,7 +120,9 @@ def export_program(model: nn.Module, path: str | Path) -> None:
             )
     except Exception as exc:  # torch raises many types; say which format failed
         raise FmnistError(f"{path}: torch.export failed: {first_line(exc)}") from None
-    data = program_bytes(program, path)
+    shipped = None if config is None else {"class_names": list(CLASS_NAMES),
+                                            "model_config": model_config(config)}
+    data = program_bytes(program, path, shipped)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -149,7 +156,7 @@ def write_artifacts(
     files = {name: folder / FILES[name] for name in ("pth", "h5", "pt2")}
     save_model(model, config, files["pth"])
     save_h5(model, config, files["h5"])
-    export_program(model, files["pt2"])
+    export_program(model, files["pt2"], config)
     if onnx:
         files["onnx"] = folder / FILES["onnx"]
         export_onnx(model, files["onnx"])

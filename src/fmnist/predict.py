@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from fmnist import pt2
 from fmnist.constants import IMAGE_SIZE, NUM_CLASSES
 from fmnist.errors import FmnistError, first_line
 from fmnist.inference import predict_logits
@@ -66,15 +67,23 @@ class Prediction:
 
 
 def load_classifier(path: str | Path) -> Classifier:
-    """The model (eval mode) and its class names from a .pth or .h5 file of this project."""
+    """The model (eval mode) and its class names from a .pth, .h5 or .pt2 file of this project."""
     path = Path(path)
-    if path.suffix.lower() in H5_SUFFIXES:
-        from fmnist.h5weights import read_h5_file
-
-        payload = read_h5_file(path)
+    suffix = path.suffix.lower()
+    if suffix == pt2.SUFFIX:
+        model: nn.Module = pt2.load_program(path)
+        payload = model.config
+        if not isinstance(payload.get("class_names"), list):
+            raise FmnistError(f"model file {path}: no class names in {pt2.CONFIG} (exported "
+                              "before .pt2 files carried them): re-export it (dvc repro export)")
     else:
-        payload = read_model_file(path)
-    model = model_from_payload(payload, path)
+        if suffix in H5_SUFFIXES:
+            from fmnist.h5weights import read_h5_file
+
+            payload = read_h5_file(path)
+        else:
+            payload = read_model_file(path)
+        model = model_from_payload(payload, path)
     names = tuple(printable(str(name)) for name in payload["class_names"])
     if len(names) != NUM_CLASSES:
         raise FmnistError(f"model file {path}: {len(names)} class names, expected {NUM_CLASSES}")

@@ -14,6 +14,10 @@ the fixed metadata, the program and payload configs as JSON, raw tensor payloads
 reads with frombuffer, never unpickles), an empty sample-inputs member, shape formulas built
 from sympy constructors and literals, and no guards code. Anything else is refused in one line
 before torch sees the file; the bytes checked are the bytes torch loads, read once.
+
+The program computes logits only; what a user of the file needs beside them (the class names,
+the model config with the temperature evaluate fitted) travels as one JSON extra file,
+`extra/fmnist.json`, which only fmnist reads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -32,6 +37,7 @@ from torch.export.pt2_archive import constants as layout
 
 from fmnist import signals
 from fmnist.errors import FmnistError, first_line
+from fmnist.model import TEMPERATURE
 
 SUFFIX = ".pt2"
 MODEL = "model"  # torch.export.save names its one program "model"
@@ -56,7 +62,10 @@ METADATA = frozenset({
     ".data/version",
     ".data/serialization_id",
 })
-EXPECTED = METADATA | {PROGRAM, SAMPLE_INPUTS, *PAYLOADS}
+# torch.export's extra file with the class names and model config (JSON, never executed)
+CONFIG_FILE = "fmnist.json"
+CONFIG = layout.EXTRA_DIR + CONFIG_FILE
+EXPECTED = METADATA | {PROGRAM, SAMPLE_INPUTS, CONFIG, *PAYLOADS}
 # what sympy.srepr writes for the shapes of a model with a dynamic batch; no Pow (9**9**9)
 FORMULA_FUNCTIONS = frozenset({
     "Symbol", "Integer", "Add", "Mul", "Max", "Min", "FloorDiv", "CleanDiv", "Mod", "PythonMod",
@@ -75,10 +84,14 @@ class ProgramModel(nn.Module):
     (dropout off, batch-norm statistics frozen), so eval is what it always is.
     """
 
-    def __init__(self, program: nn.Module) -> None:
+    def __init__(self, program: nn.Module, config: dict[str, Any] | None = None,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.program = program
         self.training = False
+        # `config` is the archive's fmnist.json ({} for an archive written without one)
+        self.config = config or {}
+        self.temperature = temperature
 
     def train(self, mode: bool = True) -> ProgramModel:
         if mode:
@@ -89,15 +102,19 @@ class ProgramModel(nn.Module):
         return self.program(x)
 
 
-def program_bytes(program: torch.export.ExportedProgram, source: str | Path) -> bytes:
-    """The archive of `program`, checked; its example inputs are dropped (torch pickles them).
+def program_bytes(
+    program: torch.export.ExportedProgram, source: str | Path, config: dict[str, Any] | None = None
+) -> bytes:
+    """The archive of `program` with `config` as its fmnist.json, checked; its example inputs
+    are dropped (torch pickles them).
 
     Saved through a buffer: a path would put the file name into the archive (its root
     folder), and the same model would not give the same bytes.
     """
     program.example_inputs = None
     buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    extra = None if config is None else {CONFIG_FILE: json.dumps(config, sort_keys=True)}
+    torch.export.save(program, buffer, extra_files=extra)
     data = buffer.getvalue()
     check_archive(data, source)
     return data
@@ -116,7 +133,8 @@ def load_program(path: str | Path, *, map_location: str | torch.device = "cpu") 
         raise FmnistError(f"model file {path}: is a directory") from None
     except OSError as exc:
         raise FmnistError(f"model file {path}: cannot read: {exc.strerror or exc}") from None
-    check_archive(data, path)
+    config = check_archive(data, path)
+    temperature = shipped_temperature(config, path)
     try:
         # Loading runs Python from inside torch's C++ code, where an interrupt raised mid-way
         # aborts the process: a signal waits for the load to end.
@@ -130,11 +148,24 @@ def load_program(path: str | Path, *, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # torch raises many types; the file passed the layout check
         problem = first_line(exc)
         raise FmnistError(f"model file {path}: cannot load the program: {problem}") from None
-    return ProgramModel(module)
+    return ProgramModel(module, config, temperature)
 
 
-def check_archive(data: bytes, source: str | Path) -> None:
-    """FmnistError (one line) unless `data` holds only what fmnist's export writes, no pickles."""
+def shipped_temperature(config: dict[str, Any], source: str | Path) -> float:
+    """The temperature in the archive's model config (1.0 where none was fitted)."""
+    model_config = config.get("model_config", {})
+    value = model_config.get(TEMPERATURE, 1.0) if isinstance(model_config, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise FmnistError(f"model file {source}: {CONFIG} has no usable temperature "
+                          f"({_shown(repr(value)[:40])}), refused")
+    return float(value)
+
+
+def check_archive(data: bytes, source: str | Path) -> dict[str, Any]:
+    """FmnistError (one line) unless `data` holds only what fmnist's export writes, no pickles.
+    Returns the archive's fmnist.json ({} when it has none)."""
     members = _members(data, source)
     raw = _raw_payloads(members, source)
     if members.get(SAMPLE_INPUTS):
@@ -149,6 +180,7 @@ def check_archive(data: bytes, source: str | Path) -> None:
     if PROGRAM not in members:
         raise FmnistError(f"model file {source}: not a torch.export program (no {PROGRAM})")
     _check_program(members[PROGRAM], source)
+    return _json(members[CONFIG], CONFIG, source) if CONFIG in members else {}
 
 
 def _members(data: bytes, source: str | Path) -> dict[str, bytes]:
