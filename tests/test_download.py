@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 import fmnist.download
-from fmnist.constants import RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
+from fmnist.constants import RAW_BYTES, RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
 from fmnist.download import decompressed_sha256, download_all, fetch_file
 from fmnist.errors import FmnistError
 
@@ -205,6 +206,32 @@ def test_failed_local_fetch_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(FmnistError, match="truncated gzip stream"):
         fetch_file(str(source), SMALL, out / SMALL, timeout=5)
     assert _files(out) == []
+
+
+def test_a_gzip_inflating_past_the_known_size_is_refused_without_reading_it_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    # the real labels followed by 3 MiB of zeros (a few KiB of gzip)
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = packer.compress(gzip.decompress((REAL / SMALL).read_bytes()))
+    body += b"".join(packer.compress(bytes(1 << 20)) for _ in range(3)) + packer.flush()
+    (source / SMALL).write_bytes(body)
+    read = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read",
+                        lambda self, n=-1: read.append(n) or real_read(self, n))
+    out = tmp_path / "raw"
+    with pytest.raises(FmnistError, match=r"decompresses to more than its known 10,008 bytes"):
+        fetch_file(str(source), SMALL, out / SMALL, timeout=5)
+    assert _files(out) == []
+    assert len(read) <= 2  # stopped at the first chunk past the size, not after 3 MiB
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_known_decompressed_sizes_are_the_real_files_sizes(name: str) -> None:
+    assert len(gzip.decompress((REAL / name).read_bytes())) == RAW_BYTES[name]
 
 
 def test_every_source_failing_is_one_line_naming_each_source_and_why(

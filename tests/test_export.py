@@ -204,6 +204,13 @@ def test_pt2_carries_the_class_names_and_the_temperature(tmp_path: Path) -> None
     assert json.loads(extra[pt2.CONFIG_FILE])["model_config"]["temperature"] == 1.75
 
 
+def test_export_refuses_to_write_a_pt2_that_loading_would_refuse(tmp_path: Path) -> None:
+    with pytest.raises(FmnistError, match="no usable temperature"):
+        export.export_program(_trained_like_model(), tmp_path / "model.pt2",
+                              {**CONFIG, "temperature": -1.0})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pt2_rewrite_is_byte_identical(tmp_path: Path) -> None:
     model = _trained_like_model()
     export.export_program(model, tmp_path / "a.pt2")
@@ -251,7 +258,7 @@ def _program_json(path: Path) -> dict:
 
 @pytest.fixture
 def clean_pt2(tmp_path: Path) -> Path:
-    export.export_program(_trained_like_model(), tmp_path / "model.pt2")
+    export.export_program(_trained_like_model(), tmp_path / "model.pt2", CONFIG)
     return tmp_path / "model.pt2"
 
 
@@ -354,20 +361,38 @@ def _tamper_program(src: Path, dst: Path, marker: Path, key: str) -> Path:
     return _rewrite(src, dst, {pt2.PROGRAM: json.dumps(program).encode()}, {})
 
 
-def _tamper_config(src: Path, dst: Path, marker: Path, text: bytes) -> Path:
-    return _rewrite(src, dst, {}, {pt2.CONFIG: text})
+def _tamper_config(text: bytes) -> Any:
+    return lambda src, dst, marker: _rewrite(src, dst, {pt2.CONFIG: text}, {})
 
 
+def _tamper_bytes(before: bytes, after: bytes) -> Any:
+    """Bytes around the archive: Python's zipfile still reads it, shifting its offsets."""
+    def tamper(src: Path, dst: Path, marker: Path) -> Path:
+        dst.write_bytes(before + src.read_bytes() + after)
+        return dst
+    return tamper
+
+
+BAD_TEMPERATURE = r"extra/fmnist\.json has no usable temperature \({}; expected a number in "
 TAMPERINGS = {
-    "config_not_json": (
-        lambda src, dst, marker: _tamper_config(src, dst, marker, b"temperature = 2"),
-        r"extra/fmnist\.json is not valid JSON",
-    ),
-    "config_temperature": (
-        lambda src, dst, marker: _tamper_config(
-            src, dst, marker, b'{"model_config": {"temperature": "nan"}}'),
-        r"extra/fmnist\.json has no usable temperature \('nan'\), refused",
-    ),
+    "config_not_json": (_tamper_config(b"temperature = 2"),
+                        r"extra/fmnist\.json is not valid JSON"),
+    "config_utf16": (_tamper_config('{"model_config": {}}'.encode("utf-16")),
+                     r"extra/fmnist\.json is not valid JSON"),
+    "config_huge": (_tamper_config(b'{"x": "' + b"a" * pt2.MAX_CONFIG_BYTES + b'"}'),
+                    r"extra/fmnist\.json is over 65,536 bytes, refused"),
+    "config_model_config": (_tamper_config(b'{"model_config": [1]}'),
+                            r"extra/fmnist\.json: model_config is not a JSON object"),
+    **{f"temperature_{name}": (_tamper_config(b'{"model_config": {"temperature": %s}}' % raw),
+                               BAD_TEMPERATURE.format(shown))
+       for name, raw, shown in (
+           ("nan", b"NaN", "nan"), ("inf", b"1e999", "inf"), ("string", b'"2"', "'2'"),
+           ("bool", b"true", "True"), ("tiny", b"0.01", r"0\.01"),
+           ("huge_int", b"1" + b"0" * 400, "1" + "0" * 39))},
+    "prepended": (_tamper_bytes(b"JUNK" * 8, b""),
+                  r"bytes before its first member or after its end record, refused"),
+    "appended": (_tamper_bytes(b"", b"JUNK" * 8),
+                 r"bytes before its first member or after its end record, refused"),
     "sample_inputs": (_tamper_sample_inputs, SAMPLE_INPUTS_REFUSED),
     "weight": (_tamper_weight, r"holds pickled objects \(data/weights/weight_0\)"),
     "legacy_weights": (_tamper_legacy_weights, r"unexpected member data/weights/model\.pt"),

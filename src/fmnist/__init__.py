@@ -11,7 +11,7 @@ from fmnist.errors import FmnistError
 
 
 def load_model(path: str, **kwargs: Any):  # noqa: ANN201 - torch is imported lazily
-    """Rebuild the model, in eval mode, from a .pth or an .h5 file written by this project."""
+    """The model, in eval mode, from a .pth, .h5 or .pt2 file written by this project."""
     from fmnist.loading import load_model as _load_model
 
     return _load_model(path, **kwargs)

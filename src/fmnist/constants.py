@@ -50,7 +50,18 @@ RAW_GZ_BYTES: dict[str, int] = {
     "t10k-labels-idx1-ubyte.gz": 5_148,
 }
 
+# Byte sizes of the decompressed IDX files (header + one byte per pixel or label): a gzip that
+# inflates past them is refused before the rest is read (a gzip bomb in a folder or a mirror).
+RAW_BYTES: dict[str, int] = {
+    "train-images-idx3-ubyte.gz": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte.gz": 8 + 60_000,
+    "t10k-images-idx3-ubyte.gz": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte.gz": 8 + 10_000,
+}
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+PT2_SUFFIX = ".pt2"  # torch.export programs (fmnist.pt2)
 
 # Paths, relative to the repository root; dvc.yaml repeats them (DVC cannot import Python).
 PARAMS_FILE = "params.yaml"

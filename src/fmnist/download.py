@@ -7,6 +7,8 @@ Debian copies are re-gzipped with other headers.
 A URL source is bounded twice per file: it may not announce or send more than the file's known
 size (RAW_GZ_BYTES), and it must deliver the whole file before a deadline. `timeout` alone
 bounds each socket read, so a source that trickles a byte at a time would never end.
+Every file, from any source, is also refused once it inflates past its known decompressed size
+(RAW_BYTES): a gzip bomb in a folder or a mirror.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fmnist.atomic import DISK_ERRNOS, atomic_path
-from fmnist.constants import RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
+from fmnist.constants import RAW_BYTES, RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
 from fmnist.errors import FmnistError, OutputError
 
 CHUNK = 1 << 20
@@ -36,12 +38,17 @@ CHUNK = 1 << 20
 MIN_BYTES_PER_S = 64 * 1024
 
 
-def decompressed_sha256(path: Path) -> str:
-    """SHA-256 of the gunzipped content; a truncated or corrupt stream is an FmnistError."""
+def decompressed_sha256(path: Path, limit: int | None = None) -> str:
+    """SHA-256 of the gunzipped content; a truncated or corrupt stream, or one inflating past
+    `limit` bytes (checked as it is read), is an FmnistError."""
     digest = hashlib.sha256()
+    size = 0
     try:
         with gzip.open(path, "rb") as stream:
             while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise FmnistError(f"decompresses to more than its known {limit:,} bytes")
                 digest.update(chunk)
     except EOFError:
         raise FmnistError("truncated gzip stream") from None
@@ -195,7 +202,7 @@ def fetch_file(
                 if exc.errno in DISK_ERRNOS:
                     raise
                 raise FmnistError(f"cannot copy ({exc.strerror or exc})") from None
-        if decompressed_sha256(tmp) != RAW_SHA256[name]:
+        if decompressed_sha256(tmp, RAW_BYTES[name]) != RAW_SHA256[name]:
             raise FmnistError("checksum mismatch")
 
 

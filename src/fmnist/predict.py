@@ -26,8 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from fmnist import pt2
-from fmnist.constants import IMAGE_SIZE, NUM_CLASSES
+from fmnist.constants import IMAGE_SIZE, NUM_CLASSES, PT2_SUFFIX
 from fmnist.errors import FmnistError, first_line
 from fmnist.inference import predict_logits
 from fmnist.modelfile import H5_SUFFIXES, model_from_payload, read_model_file
@@ -70,12 +69,14 @@ def load_classifier(path: str | Path) -> Classifier:
     """The model (eval mode) and its class names from a .pth, .h5 or .pt2 file of this project."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == pt2.SUFFIX:
+    if suffix == PT2_SUFFIX:
+        from fmnist import pt2  # torch.export, only for a .pt2
+
         model: nn.Module = pt2.load_program(path)
         payload = model.config
         if not isinstance(payload.get("class_names"), list):
-            raise FmnistError(f"model file {path}: no class names in {pt2.CONFIG} (exported "
-                              "before .pt2 files carried them): re-export it (dvc repro export)")
+            raise FmnistError(f"model file {path}: no class-name list in {pt2.CONFIG} (a .pt2 "
+                              "exported before it carried one?): re-export it (dvc repro export)")
     else:
         if suffix in H5_SUFFIXES:
             from fmnist.h5weights import read_h5_file

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import io
 import json
-import math
 import re
 import zipfile
 from pathlib import Path
@@ -36,10 +35,11 @@ from torch import nn
 from torch.export.pt2_archive import constants as layout
 
 from fmnist import signals
+from fmnist.constants import MAX_TEMPERATURE, MIN_TEMPERATURE, PT2_SUFFIX
 from fmnist.errors import FmnistError, first_line
 from fmnist.model import TEMPERATURE
 
-SUFFIX = ".pt2"
+SUFFIX = PT2_SUFFIX
 MODEL = "model"  # torch.export.save names its one program "model"
 PROGRAM = layout.MODELS_FILENAME_FORMAT.format(MODEL)
 SAMPLE_INPUTS = layout.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL)
@@ -65,6 +65,7 @@ METADATA = frozenset({
 # torch.export's extra file with the class names and model config (JSON, never executed)
 CONFIG_FILE = "fmnist.json"
 CONFIG = layout.EXTRA_DIR + CONFIG_FILE
+MAX_CONFIG_BYTES = 64 * 1024  # the export writes about 300 bytes
 EXPECTED = METADATA | {PROGRAM, SAMPLE_INPUTS, CONFIG, *PAYLOADS}
 # what sympy.srepr writes for the shapes of a model with a dynamic batch; no Pow (9**9**9)
 FORMULA_FUNCTIONS = frozenset({
@@ -113,10 +114,12 @@ def program_bytes(
     """
     program.example_inputs = None
     buffer = io.BytesIO()
-    extra = None if config is None else {CONFIG_FILE: json.dumps(config, sort_keys=True)}
+    extra = None
+    if config is not None:
+        extra = {CONFIG_FILE: json.dumps(config, sort_keys=True, allow_nan=False)}
     torch.export.save(program, buffer, extra_files=extra)
     data = buffer.getvalue()
-    check_archive(data, source)
+    shipped_temperature(check_archive(data, source), source)  # what load_program would refuse
     return data
 
 
@@ -152,14 +155,21 @@ def load_program(path: str | Path, *, map_location: str | torch.device = "cpu") 
 
 
 def shipped_temperature(config: dict[str, Any], source: str | Path) -> float:
-    """The temperature in the archive's model config (1.0 where none was fitted)."""
+    """The temperature in the archive's model config (1.0 where none was fitted, or where the
+    archive has no fmnist.json), within the bounds evaluate fits it in."""
     model_config = config.get("model_config", {})
-    value = model_config.get(TEMPERATURE, 1.0) if isinstance(model_config, dict) else None
+    if not isinstance(model_config, dict):
+        raise FmnistError(f"model file {source}: {CONFIG}: model_config is not a JSON object")
+    value = model_config.get(TEMPERATURE, 1.0)
+    # the chained comparison is exact for huge integers and false for NaN
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
+        MIN_TEMPERATURE <= value <= MAX_TEMPERATURE
     ):
-        raise FmnistError(f"model file {source}: {CONFIG} has no usable temperature "
-                          f"({_shown(repr(value)[:40])}), refused")
+        raise FmnistError(
+            f"model file {source}: {CONFIG} has no usable temperature "
+            f"({_shown(repr(value)[:40])}; expected a number in [{MIN_TEMPERATURE}, "
+            f"{MAX_TEMPERATURE}]), refused"
+        )
     return float(value)
 
 
@@ -180,21 +190,33 @@ def check_archive(data: bytes, source: str | Path) -> dict[str, Any]:
     if PROGRAM not in members:
         raise FmnistError(f"model file {source}: not a torch.export program (no {PROGRAM})")
     _check_program(members[PROGRAM], source)
-    return _json(members[CONFIG], CONFIG, source) if CONFIG in members else {}
+    if CONFIG not in members:
+        return {}
+    if len(members[CONFIG]) > MAX_CONFIG_BYTES:
+        raise FmnistError(f"model file {source}: {CONFIG} is over {MAX_CONFIG_BYTES:,} bytes, "
+                          "refused")
+    return _json(members[CONFIG], CONFIG, source)
 
 
 def _members(data: bytes, source: str | Path) -> dict[str, bytes]:
     """Member name (below the archive's root folder) -> bytes; one root, no twins, stored only.
 
     Duplicate names and members outside the root would let this check and torch's own zip
-    reader see different files; compression is refused because torch never writes it (and a
-    zip bomb needs it).
+    reader see different files; so would bytes before the first member or after the end
+    record (Python's zipfile shifts every offset past prepended bytes, torch's reader need not).
+    Compression is refused because torch never writes it (and a zip bomb needs it).
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
+        end = zipfile._EndRecData(io.BytesIO(data))  # the end record as stored (zip64 resolved)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
         raise FmnistError(f"model file {source}: not a zip archive (torch.export .pt2)") from None
+    if (end is None or not data.startswith(b"PK\x03\x04")
+            or end[zipfile._ECD_LOCATION] != len(data) - zipfile.sizeEndCentDir
+            or archive.start_dir != end[zipfile._ECD_OFFSET]):
+        raise FmnistError(f"model file {source}: bytes before its first member or after its end "
+                          "record, refused")
     if not infos or "/" not in infos[0].filename:
         raise FmnistError(f"model file {source}: not a torch.export archive (no root folder)")
     root = infos[0].filename.split("/", 1)[0] + "/"
@@ -290,8 +312,9 @@ def _looks_pickled(blob: bytes) -> bool:
 
 
 def _json(blob: bytes, name: str, source: str | Path) -> dict[str, Any]:
+    """A JSON object in UTF-8 (what torch decodes; json.loads alone would take UTF-16 too)."""
     try:
-        value = json.loads(blob)
+        value = json.loads(blob.decode("utf-8"))
     except (ValueError, RecursionError):
         raise FmnistError(f"model file {source}: {name} is not valid JSON") from None
     if not isinstance(value, dict):

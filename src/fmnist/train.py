@@ -171,13 +171,13 @@ def sam_step(
     y: torch.Tensor,
     loss_fn: LossFn,
     runtime: Runtime,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """SAM's two passes: ascend to the worst nearby weights, then descend with that gradient.
 
     Both passes autocast alike and share one dropout mask; BN running statistics come from the
     first pass only. `runtime.first_pass` wraps the first forward *and* backward: under DDP it
     is `no_sync`, so each rank ascends along its own shard's gradient (m-sharpness).
-    Returns the first pass's loss and logits.
+    Returns the first pass's logits (the epoch's accuracy and plain loss come from them).
     """
     with same_rng(runtime.device) as replay:
         with runtime.first_pass(model):
@@ -189,7 +189,7 @@ def sam_step(
         with replay(), disable_running_stats(model), runtime.autocast():
             loss_fn(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
-    return loss.detach(), logits.detach()
+    return logits.detach()
 
 
 def plain_step(
@@ -199,15 +199,16 @@ def plain_step(
     y: torch.Tensor,
     loss_fn: LossFn,
     runtime: Runtime,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ordinary step of `optimizer` (plain SGD, or SAM's base optimizer between SAM steps)."""
+) -> torch.Tensor:
+    """One ordinary step of `optimizer` (plain SGD, or SAM's base optimizer between SAM steps);
+    returns its logits."""
     with runtime.autocast():
         logits = model(x)
         loss = loss_fn(logits, y)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), logits.detach()
+    return logits.detach()
 
 
 def train_one_epoch(
@@ -249,9 +250,9 @@ def train_one_epoch(
         x, y = runtime.batch(x, y)
         lr = optimizer.param_groups[0]["lr"]
         if is_sam_step(optimizer, first_step + i, sam_from, sam_every):
-            _, logits = sam_step(model, optimizer, x, y, loss_fn, runtime)
+            logits = sam_step(model, optimizer, x, y, loss_fn, runtime)
         else:
-            _, logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, runtime)
+            logits = plain_step(model, base_optimizer(optimizer), x, y, loss_fn, runtime)
         if ema is not None:
             ema.update()
         if scheduler is not None:
