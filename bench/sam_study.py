@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's fmnist, as the experime
 
 from fmnist.atomic import write_json, write_text  # noqa: E402
 from fmnist.errors import FmnistError  # noqa: E402
+from fmnist.model import model_config  # noqa: E402
 from fmnist.params import load_params, validate  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -291,15 +292,19 @@ def seconds_per_pass(base: dict[str, Any], where: dict[str, Any], study: list[di
                      tta: list[dict[str, Any]]) -> tuple[float | None, str]:
     """Train seconds per epoch-pass over 1 image, from this study's runs on this CPU class and
     dtype, else the time-to-accuracy runs of the params.yaml model and schedule."""
+    model = model_config(base["model"])
     mine = [r for r in study if (r["cpu_class"], r["dtype"]) == (where["cpu_class"],
-                                                                 where["dtype"])]
+                                                                 where["dtype"])
+            and model_config(r["params"].get("model", base["model"])) == model]
     if mine:
         rates = [r["train_seconds"] / (r["passes"] * train_images(r["params"])) for r in mine]
         return statistics.median(rates), f"{len(mine)} runs of this study"
     keys = ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size")
     same = [r for r in tta if (r["cpu_class"], r["dtype"]) == (where["cpu_class"], where["dtype"])
-            and r.get("model") == base["model"]
+            and model_config(r["model"]) == model
             and all(r["train"].get(k) == base["train"][k] for k in keys)]
+    # runs timed with fmnist.allocator's setting, where there are any (older runs page-faulted)
+    same = [r for r in same if r.get("allocator") == "kept"] or same
     if not same:
         return None, "no time_to_accuracy run of the default on this CPU class and dtype"
     full = train_images({"preprocess": {**base["preprocess"], "train_subset": None}})

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fmnist.accel import Backend, cpu_bf16_native, cpu_class, ipex_status, select_backend
+from fmnist.allocator import applied, keep_freed_memory
 from fmnist.constants import NORM_MEAN, NORM_STD, PREPARED_FILE
 from fmnist.errors import FmnistError
 from fmnist.model import build_model
@@ -362,6 +363,7 @@ def measure(names: list[str], args: Any) -> dict[str, Any]:
     """Rows and accuracy runs this interpreter can do; IPEX rows go to the IPEX venv if needed."""
     params = load_params(ROOT / "params.yaml")
     configure_torch(args.threads)
+    keep_freed_memory()  # as the train stage runs
     data, data_note = load_data(Path(args.data))
     images, labels = train_arrays(data, params["seed"])
     ipex_here = ipex_status()[0] is not None
@@ -456,7 +458,7 @@ def machine() -> dict[str, Any]:
         pass
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return {"cpu": model_name, "cores": os.cpu_count(), "isa": isa, "cpu_class": cpu_class(),
-            "bf16_native": cpu_bf16_native()}
+            "bf16_native": cpu_bf16_native(), "malloc_keeps_freed": applied()}
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -478,6 +480,8 @@ def markdown(results: dict[str, Any], names: list[str], args: Any) -> str:
             if "ipex_versions" in results
             else ""
         )
+        + (". glibc malloc keeps freed blocks (fmnist.allocator)"
+           if m.get("malloc_keeps_freed") else ". Default malloc")
         + f". Load average (1 min) {results['load_before']:.2f} before, "
         f"{results['load_after']:.2f} after. Data: {results['data']}.",
         "",

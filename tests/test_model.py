@@ -217,3 +217,29 @@ def test_a_pickled_object_is_named_as_such(tmp_path: Path) -> None:
     torch.save({"format": "fmnist-model", "payload": Path("x")}, tmp_path / "model.pth")
     with pytest.raises(FmnistError, match="pickled object"):
         load_model(tmp_path / "model.pth")
+
+
+def test_ceil_mode_pooling_keeps_the_last_row_and_column_of_odd_maps() -> None:
+    """Four blocks on 28x28: floor pooling drops odd maps' last row and column (7x7 -> 3x3, and
+    the last block's 3x3 -> 1x1 reads 4 of 9 positions); ceil pooling keeps them (7 -> 4 -> 2)."""
+    deep = {**CONFIG, "channels": [4, 4, 4, 4]}
+    x = torch.rand(1, 1, 28, 28) * 255
+    for ceil_mode, size, reaches_logits in ((False, 1, False), (True, 2, True)):
+        model = _model({**deep, "pool_ceil_mode": ceil_mode}).eval()
+        assert model.features(x).shape[-2:] == (size, size)
+        last_block = model.features[:-1](x)  # what the last pooling reads
+        changed = last_block.clone()
+        changed[..., -1, -1] += 10.0  # its bottom-right position
+        head = torch.nn.Sequential(model.features[-1], model.classifier)
+        assert (not torch.equal(head(last_block), head(changed))) is reaches_logits
+
+
+def test_ceil_mode_is_stored_only_when_on_and_survives_the_model_file(tmp_path: Path) -> None:
+    assert "pool_ceil_mode" not in model_config({**CONFIG, "pool_ceil_mode": False})
+    config = {**CONFIG, "channels": [4, 4, 4], "pool_ceil_mode": True}
+    model = _model(config).eval()
+    save_model(model, config, tmp_path / "model.pth")
+    loaded = load_model(tmp_path / "model.pth")
+    assert loaded.features[-1].ceil_mode is True
+    x = torch.rand(2, 1, 28, 28) * 255
+    assert torch.equal(loaded(x), model(x))

@@ -27,12 +27,15 @@ def _load_bench() -> Any:
 bench = _load_bench()
 
 
-def _run(isa_limit: str | None, test_acc: float, seconds: float) -> dict[str, Any]:
+def _run(isa_limit: str | None, test_acc: float, seconds: float,
+         allocator: str | None = "kept") -> dict[str, Any]:
     run = {"recipe": "late-b16", "recipe_hash": "abc", "seed": 0, "cpu_class": "AVX2",
            "dtype": "float32", "threads": 2, "train_seconds": seconds, "test_acc": test_acc,
            "test_acc_flip_tta": test_acc, "val_acc": test_acc, "images_per_s_median": 1.0}
     if isa_limit is not None:
         run["isa_limit"] = isa_limit
+    if allocator is not None:
+        run["allocator"] = allocator
     return run
 
 
@@ -45,7 +48,8 @@ def test_isa_limit_names_the_variables_that_are_set(monkeypatch: pytest.MonkeyPa
 
 
 def test_an_emulated_run_does_not_stand_for_a_run_on_the_real_class() -> None:
-    real, older_real = _run("", 0.94, 600), _run(None, 0.94, 600)
+    real = _run("", 0.94, 600, allocator=None)
+    older_real = _run(None, 0.94, 600, allocator=None)  # older than both fields
     emulated = _run("ONEDNN_MAX_CPU_ISA=AVX2", 0.93, 590)
     assert bench.run_key(real) == bench.run_key(older_real)  # old runs: on the real class
     assert bench.run_key(emulated) != bench.run_key(real)
@@ -60,3 +64,26 @@ def test_emulated_and_real_runs_get_their_own_rows_and_frontiers() -> None:
     # does not push the real one off it
     assert all(r["frontier"] for r in rows)
     assert "AVX2 (emulated)" in bench.markdown(rows)
+
+
+def test_runs_with_the_page_faulting_malloc_are_timed_apart() -> None:
+    """Runs older than fmnist.allocator paid ~18,000 page faults a step: same accuracy, other
+    seconds, so neither their key nor their row is shared with newer runs."""
+    base = load_params(REPO / "params.yaml")
+    older, newer = _run("", 0.94, 800, allocator=None), _run("", 0.94, 570)
+    assert bench.run_key(older) != bench.run_key(newer)
+    assert bench.run_key(older) == bench.run_key(_run("", 0.94, 800, allocator="default"))
+    rows = bench.summarize([older, newer], base)
+    assert sorted(r["cpu_class"] for r in rows) == ["AVX2", "AVX2, default malloc"]
+    assert {r["train_seconds_mean"] for r in rows} == {800, 570}
+
+
+def test_a_key_added_at_its_absent_value_keeps_the_recipe_hash() -> None:
+    """Stored runs are found again after params.yaml gains model.pool_ceil_mode: false."""
+    base = load_params(REPO / "params.yaml")
+    params = bench.recipe_params(base, bench.RECIPES["late-e16"], 0)
+    without = {**params, "model": {k: v for k, v in params["model"].items()
+                                   if k != "pool_ceil_mode"}}
+    assert bench.recipe_hash(params) == bench.recipe_hash(without)
+    ceil = {**params, "model": {**params["model"], "pool_ceil_mode": True}}
+    assert bench.recipe_hash(ceil) != bench.recipe_hash(params)

@@ -17,6 +17,9 @@ from fmnist.constants import IMAGE_SIZE, INPUT_SHAPE, NORM_MEAN, NORM_STD, NUM_C
 from fmnist.errors import FmnistError
 
 CONFIG_KEYS = ("channels", "convs_per_block", "batch_norm", "dropout", "hidden")
+# Optional (absent = false, how older model files were built): pool with ceil_mode, so an odd
+# map keeps its last row and column (7x7 -> 4x4) instead of dropping them (7x7 -> 3x3).
+POOL_CEIL_MODE = "pool_ceil_mode"
 # Absent from older model files, and from params.yaml's model section: evaluate and export set it.
 FLIP_TTA = "flip_tta"
 # Config key of the temperature evaluate fits on the validation split: the model still returns
@@ -51,6 +54,7 @@ class CNN(nn.Module):
         hidden: int,
         flip_tta: bool = False,
         temperature: float = 1.0,
+        pool_ceil_mode: bool = False,
     ) -> None:
         super().__init__()
         self.flip_tta = flip_tta
@@ -68,8 +72,8 @@ class CNN(nn.Module):
                     layers.append(nn.BatchNorm2d(out_channels))
                 layers.append(nn.ReLU(inplace=True))
                 in_channels = out_channels
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
+            layers.append(nn.MaxPool2d(2, ceil_mode=pool_ceil_mode))
+            size = -(-size // 2) if pool_ceil_mode else size // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -110,6 +114,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         hidden=int(config["hidden"]),
         flip_tta=bool(config.get(FLIP_TTA, False)),
         temperature=float(config.get(TEMPERATURE, 1.0)),
+        pool_ceil_mode=bool(config.get(POOL_CEIL_MODE, False)),
     )
 
 
@@ -125,9 +130,9 @@ def shipped_config(
 
 
 def model_config(params_model: dict[str, Any]) -> dict[str, Any]:
-    """The plain-typed copy of params["model"] that model files store (`flip_tta` only when
-    on, `temperature` only when not 1, so files without them keep their bytes and older
-    readers keep reading them)."""
+    """The plain-typed copy of params["model"] that model files store (`flip_tta` and
+    `pool_ceil_mode` only when on, `temperature` only when not 1, so files without them keep
+    their bytes and older readers keep reading them)."""
     config = {
         "channels": [int(c) for c in params_model["channels"]],
         "convs_per_block": int(params_model["convs_per_block"]),
@@ -135,6 +140,8 @@ def model_config(params_model: dict[str, Any]) -> dict[str, Any]:
         "dropout": float(params_model["dropout"]),
         "hidden": int(params_model["hidden"]),
     }
+    if params_model.get(POOL_CEIL_MODE):
+        config[POOL_CEIL_MODE] = True
     if params_model.get(FLIP_TTA):
         config[FLIP_TTA] = True
     if params_model.get(TEMPERATURE, 1.0) != 1.0:

@@ -30,6 +30,7 @@ from fmnist.accel import (
     select_backend,
     unwrap,
 )
+from fmnist.allocator import keep_freed_memory
 from fmnist.checkpoint import (
     array_digest,
     discard_checkpoint,
@@ -335,6 +336,7 @@ def fit(
     if dist.enabled:
         backend = replace(backend, device=dist.device)
     configure_torch(train["threads"], backend.device)
+    keep_freed_memory()
     if progress:
         print(f"train: {describe(backend, params['ipex']['dtype'])}", file=sys.stderr, flush=True)
     seed_everything(seed)

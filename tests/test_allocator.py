@@ -1,0 +1,95 @@
+"""fmnist.allocator: freed activations are reused, not page-faulted in again every step."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from fmnist import allocator
+
+# A fresh process runs training steps of the project's model and counts the minor page faults
+# of the timed steps (glibc's thresholds are process-wide and adapt as blocks are freed).
+FAULTS_PROBE = """
+import json, resource, sys
+import torch
+from torch.nn import functional as F
+from fmnist.allocator import keep_freed_memory
+from fmnist.model import build_model
+applied = keep_freed_memory() if sys.argv[1] == "kept" else False
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = build_model({"channels": [16, 32], "convs_per_block": 2, "batch_norm": True,
+                     "dropout": 0.0, "hidden": 32}).to(memory_format=torch.channels_last)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = (torch.rand(128, 1, 28, 28) * 255).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (128,))
+def step():
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+print(json.dumps({"applied": applied, "faults_per_step": faults}))
+"""
+
+
+def probe(mode: str) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in (allocator.PRELOAD_VARIABLE, allocator.TUNABLES_VARIABLE,
+                        *allocator.USER_SETTINGS)}
+    proc = subprocess.run([sys.executable, "-c", FAULTS_PROBE, mode], capture_output=True,
+                          text=True, timeout=120, check=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != allocator.GLIBC, reason="glibc's mallopt only")
+def test_training_steps_stop_page_faulting_their_activations() -> None:
+    default = probe("default")
+    if default["faults_per_step"] < 500:
+        pytest.skip(f"this glibc keeps freed blocks already ({default['faults_per_step']:.0f} "
+                    "faults per step)")
+    kept = probe("kept")
+    assert kept["applied"] is True
+    # a step's activations are a few MB: ~1,000+ pages faulted in again by default
+    assert kept["faults_per_step"] < default["faults_per_step"] / 10
+
+
+def test_off_glibc_nothing_is_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator._set_thresholds() is False
+
+
+def test_thresholds_are_set_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator, "_set_thresholds", lambda: calls.append(1) or True)
+    assert allocator.keep_freed_memory() is True
+    assert allocator.keep_freed_memory() is True
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name, value", [
+    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"),
+    ("MALLOC_MMAP_THRESHOLD_", "131072"),
+    ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+])
+def test_an_allocator_chosen_by_the_user_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    for variable in (allocator.PRELOAD_VARIABLE, allocator.TUNABLES_VARIABLE,
+                     *allocator.USER_SETTINGS):
+        monkeypatch.delenv(variable, raising=False)
+    assert allocator.allocator_chosen_elsewhere() is False
+    monkeypatch.setenv(name, value)
+    assert allocator.allocator_chosen_elsewhere() is True
+    assert allocator._set_thresholds() is False
