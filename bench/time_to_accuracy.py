@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fmnist.accel import cpu_class, dtype_name, select_backend
-from fmnist.allocator import keep_freed_memory
+from fmnist.allocator import KEPT, OWN, keep_freed_memory
 from fmnist.atomic import write_json, write_text
 from fmnist.constants import PREPARED_FILE
 from fmnist.data import load_prepared
@@ -60,6 +60,9 @@ WIDE_SHALLOW = {"channels": [32, 64, 128], "convs_per_block": 1}
 LARGE = {"channels": [32, 64, 128], "convs_per_block": 2}
 SMALL_DEEP = {"channels": [16, 32, 64, 128], "convs_per_block": 2}
 SMALL_DEEP_CEIL = {**SMALL_DEEP, "pool_ceil_mode": True}
+WIDE_TAIL = {"channels": [16, 32, 96, 192], "convs_per_block": 2}
+CROP_2 = {"augment": {"flip": True, "crop_padding": 2}}
+FLIP_ONLY = {"augment": {"flip": True, "crop_padding": 0}}
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ RECIPES = {
                        SMALL_DEEP, _late(24, 0.75)),
     "late-f16": Recipe("16/32/64/128 x2 (4 blocks), ceil-mode pooling (7->4->2), 16 epochs, SAM "
                        "in the last quarter, EMA", SMALL_DEEP_CEIL, _late(16, 0.75)),
+    "late-g16": Recipe("16/32/96/192 x2 (4 blocks, wider at 7x7 and 3x3), 16 epochs, SAM in the "
+                       "last quarter, EMA", WIDE_TAIL, _late(16, 0.75)),
+    "late-p16": Recipe("16/32/64/128 x2 (4 blocks), crops padded by 2, 16 epochs, SAM in the last "
+                       "quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), **CROP_2}),
+    "late-n16": Recipe("16/32/64/128 x2 (4 blocks), flips only (no crops), 16 epochs, SAM in the "
+                       "last quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), **FLIP_ONLY}),
     "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
                        WIDE_SHALLOW, _late(12)),
     "late-c10": Recipe("24/48/96 x2, 10 epochs, SAM in the second half, EMA", MEDIUM, _late(10)),
@@ -151,7 +160,7 @@ def cpu_model() -> str:
 
 # How glibc's malloc ran (fmnist.allocator): runs older than the field page-faulted their
 # activations in every step, so their seconds are not comparable with newer ones.
-ALLOCATOR_KEPT, ALLOCATOR_DEFAULT = "kept", "default"
+ALLOCATOR_KEPT, ALLOCATOR_DEFAULT = KEPT, OWN
 
 
 def allocator(run: dict[str, Any]) -> str:
@@ -205,7 +214,8 @@ def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
         "test_acc_flip_tta": tta_acc,
         "model": model_config(params["model"]),
         "train": {k: params["train"][k] for k in
-                  ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size")},
+                  ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size",
+                   "augment")},
     }
 
 

@@ -93,3 +93,52 @@ def test_an_allocator_chosen_by_the_user_is_left_alone(
     monkeypatch.setenv(name, value)
     assert allocator.allocator_chosen_elsewhere() is True
     assert allocator._set_thresholds() is False
+
+
+class FakeLibc:
+    """Stands in for ctypes.CDLL(None): records mallopt's calls, answers `answer`."""
+
+    def __init__(self, answer: int) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+        def mallopt(param: int, value: int) -> int:  # a function: ctypes sets argtypes on it
+            self.calls.append((param, value))
+            return answer
+
+        self.mallopt = mallopt
+
+
+def _on_glibc(monkeypatch: pytest.MonkeyPatch, libc: FakeLibc) -> None:
+    for variable in (allocator.PRELOAD_VARIABLE, allocator.TUNABLES_VARIABLE,
+                     *allocator.USER_SETTINGS):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: (allocator.GLIBC, "2.36"))
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+
+
+def test_on_glibc_both_thresholds_are_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = FakeLibc(answer=1)
+    _on_glibc(monkeypatch, libc)
+    assert allocator._set_thresholds() is True
+    assert libc.calls == [(allocator.M_MMAP_THRESHOLD, 32 * 1024 * 1024),
+                          (allocator.M_TRIM_THRESHOLD, 2**31 - 1)]
+
+
+@pytest.mark.parametrize("answer", [0, -1])
+def test_a_rejected_or_foreign_mallopt_is_not_reported_as_applied(
+    monkeypatch: pytest.MonkeyPatch, answer: int
+) -> None:
+    _on_glibc(monkeypatch, FakeLibc(answer=answer))
+    assert allocator._set_thresholds() is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != allocator.GLIBC, reason="glibc's mallopt only")
+def test_this_glibc_accepts_the_thresholds() -> None:
+    """The real mallopt, in a fresh process: both values are within what glibc accepts."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in (allocator.PRELOAD_VARIABLE, allocator.TUNABLES_VARIABLE,
+                        *allocator.USER_SETTINGS)}
+    code = "from fmnist.allocator import keep_freed_memory; print(keep_freed_memory())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True, env=env)
+    assert proc.stdout.strip() == "True"

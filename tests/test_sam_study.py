@@ -159,6 +159,18 @@ def test_a_param_added_since_the_run_does_not_make_it_stale(base: dict[str, Any]
     assert plan.jobs == [] and plan.held == 1
 
 
+def test_a_run_from_before_an_optional_model_key_is_that_key_off(base: dict[str, Any]) -> None:
+    """A run recorded before model.pool_ceil_mode existed trained floor-mode pooling: it holds
+    the default's result, not a ceil-mode study's."""
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    old = stored_run(job, "sam")
+    del old["params"]["model"]["pool_ceil_mode"]
+    assert study.make_plan(base, ["sam"], {"sam": [0]}, here, [old]).held == 1
+    ceil = {**base, "model": {**base["model"], "pool_ceil_mode": True}}
+    plan = study.make_plan(ceil, ["sam"], {"sam": [0]}, here, [old])
+    assert len(plan.jobs) == 1 and plan.stale == ["sam seed 0: model"]
+
+
 def test_rows_with_the_same_params_share_one_experiment(base: dict[str, Any]) -> None:
     plan = study.make_plan(base, ["sam", "rho-0.05", "rho-0.1"],
                            {"sam": [0], "rho-0.05": [0], "rho-0.1": [0]}, here, [])

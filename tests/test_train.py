@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from fmnist import allocator
 from fmnist.accel import cpu_class, select_backend
 from fmnist.checkpoint import load_checkpoint
 from fmnist.constants import CLASS_NAMES
@@ -427,6 +428,7 @@ def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
     # a timing names the machine it came from
     assert run["machine"]["cpu_class"] == cpu_class() and run["machine"]["dtype"] == "float32"
     assert run["machine"]["threads"] == 1 and isinstance(run["machine"]["cpu_bf16_native"], bool)
+    assert run["machine"]["allocator"] == allocator.label()  # how malloc ran shapes the seconds
     assert [p.name for p in Path("reports").iterdir()] == ["train"]  # no staging folder left
     plots = Path("reports/train/plots/metrics")
     for name in ("train/loss.tsv", "train/acc.tsv", "val/loss.tsv", "val/acc.tsv", "lr.tsv",

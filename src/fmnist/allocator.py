@@ -18,6 +18,7 @@ import platform
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+MALLOPT_OK = 1
 # glibc's largest accepted mmap threshold on 64-bit (HEAP_MAX_SIZE / 2): blocks up to 32 MiB
 # (a batch of 128 at 28x28x16 in float32 is 6.4 MB) come from the reusable heap.
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
@@ -47,6 +48,16 @@ def applied() -> bool:
     return bool(_applied)
 
 
+# How a timed run's malloc ran, as run.json and the benchmarks record it: with the thresholds
+# pinned, or as the allocator in place behaves on its own (glibc's page-faulting default, or one
+# the user chose).
+KEPT, OWN = "kept", "default"
+
+
+def label() -> str:
+    return KEPT if applied() else OWN
+
+
 def allocator_chosen_elsewhere() -> bool:
     if "malloc" in os.environ.get(PRELOAD_VARIABLE, ""):
         return True
@@ -65,7 +76,7 @@ def _set_thresholds() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success, 0 on a rejected value.
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
+    # glibc's mallopt returns 1 on success and 0 on a rejected value; anything else is not
+    # glibc's answer (a stub), so not a success either.
+    return (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == MALLOPT_OK
+            and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == MALLOPT_OK)

@@ -9,10 +9,11 @@ Layout (format "fmnist-weights-h5", version 2):
   `classifier.5.bias` -> `classifier/5/bias`. Floating tensors are float32, integer buffers
   int64 (scalar datasets for `num_batches_tracked`); shapes are PyTorch's (conv weights are
   out_channels x in_channels x 3 x 3, linear weights out_features x in_features).
-- Root attributes: `format`, `format_version`, `model_config` (JSON: params["model"], plus
-  `"flip_tta": true` when the model averages its logits over the image and its left-right
-  mirror: compute (f(x) + f(flip(x))) / 2 then, and `"temperature": T` when evaluate fitted
-  one on the validation split: probabilities are softmax(logits / T)),
+- Root attributes: `format`, `format_version`, `model_config` (JSON: params["model"]; with
+  `"pool_ceil_mode": true` each 2x2 max pool rounds odd sizes up, MaxPool2d(2, ceil_mode=True):
+  7 -> 4 -> 2; plus `"flip_tta": true` when the model averages its logits over the image and
+  its left-right mirror: compute (f(x) + f(flip(x))) / 2 then, and `"temperature": T` when
+  evaluate fitted one on the validation split: probabilities are softmax(logits / T)),
   `state_dict_keys` (JSON list, in the model's order), `class_names` (array of str, index =
   logit), `input_shape` [1, 28, 28], `input_dtype` "float32", `input_range` [0, 255],
   `normalization_mean` 0.5, `normalization_std` 0.5, `normalization` (the formula: the model's

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fmnist import allocator
 from fmnist.accel import backend_description, machine_description
 from fmnist.atomic import write_json
 from fmnist.train import FitResult
@@ -40,5 +41,5 @@ def write_train_reports(
         "quality": m,
         "backend": training_record(result, world_size)["backend"],
         "timing": {**result.timing, "stage_seconds": stage_seconds},
-        "machine": machine_description(result.backend),
+        "machine": {**machine_description(result.backend), "allocator": allocator.label()},
     })
