@@ -14,7 +14,8 @@ preprocess, train, evaluate; never tune or export) on top of params.yaml; the qu
 one experiment at a time (`dvc queue start -j 1`: the seconds are part of the result). As each
 experiment finishes, its files are read from its experiment commit (reports/evaluate/
 metrics.json, reports/train/{metrics,timing,run}.json, params.yaml) and the run is written at
-once into `bench/results/sam_study.json`, keyed by row, seed, CPU class, dtype and threads. A
+once into `bench/results/sam_study.json`, keyed by row, seed, CPU class, dtype, threads and
+model (a study rerun for a new default model adds its runs beside the old model's). A
 rerun skips what the JSON holds (local experiment refs need not survive), unless the params the
 run recorded no longer match what the row asks for now (then it is stale and runs again).
 Rows whose params coincide (SAM and rho 0.05) share one experiment.
@@ -235,7 +236,21 @@ class Plan:
 
 
 def run_key(run: dict[str, Any]) -> str:
-    return "|".join(str(run[k]) for k in ("row", "seed", "cpu_class", "dtype", "threads"))
+    fields = [str(run[k]) for k in ("row", "seed", "cpu_class", "dtype", "threads")]
+    return "|".join([*fields, model_key(run["params"]["model"])])
+
+
+def model_key(params_model: dict[str, Any]) -> str:
+    """The model as its file stores it (optional keys at their off value left out)."""
+    return json.dumps(model_config(params_model), sort_keys=True, separators=(",", ":"))
+
+
+def model_label(params_model: dict[str, Any]) -> str:
+    config = model_config(params_model)
+    text = "/".join(str(c) for c in config["channels"]) + f" x{config['convs_per_block']}"
+    text += ", ceil-mode pooling" if config.get("pool_ceil_mode") else ""
+    text += "" if config["batch_norm"] else ", no BatchNorm"
+    return text + f", dropout {config['dropout']:g}, hidden {config['hidden']}"
 
 
 def make_plan(base: dict[str, Any], rows: list[str], seeds: dict[str, list[int]],
@@ -254,7 +269,7 @@ def make_plan(base: dict[str, Any], rows: list[str], seeds: dict[str, list[int]]
             overrides = {**extra, **ROWS[row].overrides(start), "seed": seed}
             params = with_overrides(base, overrides, f"row {row}, seed {seed}")
             where = machine(params)
-            key = run_key({"row": row, "seed": seed, **where})
+            key = run_key({"row": row, "seed": seed, **where, "params": params})
             wanted = relevant(params)
             stored = by_key.get(key)
             if stored is not None:
@@ -311,10 +326,11 @@ def seconds_per_pass(base: dict[str, Any], where: dict[str, Any], study: list[di
     if mine:
         rates = [r["train_seconds"] / (r["passes"] * train_images(r["params"])) for r in mine]
         return statistics.median(rates), f"{len(mine)} runs of this study"
-    keys = ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size")
+    keys = ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size", "augment")
+    # runs recorded before `augment` was stored all trained with params.yaml's augmentation
     same = [r for r in tta if (r["cpu_class"], r["dtype"]) == (where["cpu_class"], where["dtype"])
             and model_config(r["model"]) == model
-            and all(r["train"].get(k) == base["train"][k] for k in keys)]
+            and all(r["train"].get(k, base["train"][k]) == base["train"][k] for k in keys)]
     # runs timed with fmnist.allocator's setting, where there are any (older runs page-faulted)
     kept = [r for r in same if r.get("allocator") == KEPT]
     if not same:
@@ -657,12 +673,14 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, metric: str) -> list[floa
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (CPU class, dtype): one entry per row (mean, std, n of each metric) and the pairs."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """Per (CPU class, dtype, model): one entry per row (mean, std, n of each metric) and the
+    pairs."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["cpu_class"], run["dtype"]), []).append(run)
+        model = model_key(run["params"]["model"])
+        groups.setdefault((run["cpu_class"], run["dtype"], model), []).append(run)
     out = []
-    for (cpu, dtype), members in sorted(groups.items()):
+    for (cpu, dtype, model), members in sorted(groups.items()):
         order = [r for r in ROWS if any(m["row"] == r for m in members)]
         order += sorted({m["row"] for m in members} - set(order))
         rows = []
@@ -689,7 +707,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 pairs.append({"label": label, "a": a, "b": b, "n": len(diffs["accuracy"]),
                               "diffs": diffs,
                               "intervals": {m: t_interval(d) for m, d in diffs.items()}})
-        out.append({"cpu_class": cpu, "dtype": dtype, "rows": rows, "pairs": pairs,
+        out.append({"cpu_class": cpu, "dtype": dtype, "model_key": model,
+                    "model": model_label(members[-1]["params"]["model"]),
+                    "rows": rows, "pairs": pairs,
                     "threads": sorted({m["threads"] for m in members}),
                     "baselines": sorted({m["baseline_rev"][:10] for m in members
                                          if m.get("baseline_rev")})})
@@ -740,7 +760,7 @@ def markdown(summary: list[dict[str, Any]], source: str = "sam_study.json") -> s
         lines += [
             "",
             f"## CPU class {group['cpu_class']}, training dtype {group['dtype']}, "
-            f"{threads} thread(s)",
+            f"{threads} thread(s), model {group['model']}",
             "",
             f"Code: {', '.join(group['baselines']) or 'unknown'}.",
             "",
@@ -779,8 +799,8 @@ def figure(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path
 
     fig, axes = plt.subplots(len(summary), 3, figsize=(17, 4.8 * len(summary)), squeeze=False)
     for (ax_rows, ax_rho, ax_pairs), group in zip(axes, summary, strict=True):
-        mine = [r for r in runs if (r["cpu_class"], r["dtype"]) == (group["cpu_class"],
-                                                                    group["dtype"])]
+        mine = [r for r in runs if (r["cpu_class"], r["dtype"], model_key(r["params"]["model"]))
+                == (group["cpu_class"], group["dtype"], group["model_key"])]
         names = [r["row"] for r in group["rows"]]
         for i, r in enumerate(group["rows"]):
             seeds = [100 * m["test"]["accuracy"] for m in mine if m["row"] == r["row"]]
@@ -823,7 +843,7 @@ def figure(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path
         ax_pairs.invert_yaxis()
         ax_pairs.set(xlabel="SAM − SGD test accuracy (points)",
                      title="paired by seed: mean and 95% t interval")
-        where = f"{group['cpu_class']}, {group['dtype']}: "
+        where = f"{group['cpu_class']}, {group['dtype']}, {group['model'].split(',')[0]}: "
         for ax in (ax_rows, ax_rho, ax_pairs):
             ax.set_title(where + ax.get_title(), fontsize=10)
     fig.tight_layout()

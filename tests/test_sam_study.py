@@ -168,7 +168,23 @@ def test_a_run_from_before_an_optional_model_key_is_that_key_off(base: dict[str,
     assert study.make_plan(base, ["sam"], {"sam": [0]}, here, [old]).held == 1
     ceil = {**base, "model": {**base["model"], "pool_ceil_mode": True}}
     plan = study.make_plan(ceil, ["sam"], {"sam": [0]}, here, [old])
-    assert len(plan.jobs) == 1 and plan.stale == ["sam seed 0: model"]
+    assert len(plan.jobs) == 1 and plan.held == 0 and plan.copies == []
+
+
+def test_a_new_default_model_adds_runs_beside_the_old_models(base: dict[str, Any]) -> None:
+    """Rerunning the study after the default model changed keeps the old model's runs (their
+    own key, their own table section) instead of replacing them."""
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    old = stored_run(job, "sam", accuracy=0.93)
+    wider = {**base, "model": {**base["model"], "channels": [16, 32, 96, 192]}}
+    plan = study.make_plan(wider, ["sam"], {"sam": [0]}, here, [old])
+    [new_job] = plan.jobs
+    assert plan.stale == []
+    runs = study.record([old], stored_run(new_job, "sam", accuracy=0.94))
+    assert len(runs) == 2
+    sections = study.summarize(runs)
+    assert [g["model"].split(",")[0] for g in sections] == ["16/32/64/128 x2", "16/32/96/192 x2"]
+    assert "model 16/32/96/192 x2" in study.markdown(sections)
 
 
 def test_rows_with_the_same_params_share_one_experiment(base: dict[str, Any]) -> None:
@@ -422,3 +438,23 @@ def test_smoke_study_queues_real_experiments_and_a_rerun_runs_nothing(tmp_path: 
     assert _run(repo, "git", "for-each-ref", "refs/exps/").stdout.splitlines() == refs
     assert json.loads(store.read_text())["runs"] == runs
     assert all(math.isfinite(r["train_seconds"]) for r in runs)
+
+
+def _timed_default(base: dict[str, Any], seconds: float, **train: Any) -> dict[str, Any]:
+    """A time_to_accuracy run of params.yaml's model and schedule, as that bench stores it."""
+    keys = ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size")
+    return {"cpu_class": HERE["cpu_class"], "dtype": HERE["dtype"], "allocator": "kept",
+            "model": study.model_config(base["model"]), "train_seconds": seconds,
+            "train": {**{k: base["train"][k] for k in keys}, **train}}
+
+
+def test_the_estimate_uses_only_runs_of_the_default_recipe(base: dict[str, Any]) -> None:
+    """A run with other augmentation (another recipe) does not time the default; a run stored
+    before `augment` was recorded does."""
+    other = {**base["train"]["augment"], "crop_padding": base["train"]["augment"]["crop_padding"]
+             + 1}
+    runs = [_timed_default(base, 500.0), _timed_default(base, 900.0, augment=other)]
+    rate, source = study.seconds_per_pass(base, HERE, [], runs)
+    assert source.startswith("1 time_to_accuracy run")
+    assert rate == pytest.approx(500.0 / (study.passes(base["train"]) * study.train_images(
+        {"preprocess": {**base["preprocess"], "train_subset": None}})))
