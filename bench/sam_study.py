@@ -58,7 +58,13 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's fmnist, as the experime
 from fmnist.allocator import KEPT  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
 from fmnist.errors import FmnistError  # noqa: E402
-from fmnist.model import model_config  # noqa: E402
+from fmnist.model import (  # noqa: E402
+    CONFIG_KEYS,
+    FLIP_TTA,
+    POOL_CEIL_MODE,
+    TEMPERATURE,
+    model_config,
+)
 from fmnist.params import load_params, validate  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -182,7 +188,7 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     rest = [k for k in stored.keys() & wanted.keys() if k != "model"]
     changed = _differences({k: stored[k] for k in rest}, {k: wanted[k] for k in rest})
     if "model" in stored and "model" in wanted and (
-            model_config(stored["model"]) != model_config(wanted["model"])):
+            comparable_model(stored["model"]) != comparable_model(wanted["model"])):
         changed.append("model")
     return changed
 
@@ -240,9 +246,16 @@ def run_key(run: dict[str, Any]) -> str:
     return "|".join([*fields, model_key(run["params"]["model"])])
 
 
+def comparable_model(params_model: dict[str, Any]) -> dict[str, Any]:
+    """The model as its file stores it (optional keys at their off value left out), plus any
+    params.model key model_config does not know yet, so a future knob still tells runs apart."""
+    known = {*CONFIG_KEYS, POOL_CEIL_MODE, FLIP_TTA, TEMPERATURE}
+    return {**{k: v for k, v in params_model.items() if k not in known},
+            **model_config(params_model)}
+
+
 def model_key(params_model: dict[str, Any]) -> str:
-    """The model as its file stores it (optional keys at their off value left out)."""
-    return json.dumps(model_config(params_model), sort_keys=True, separators=(",", ":"))
+    return json.dumps(comparable_model(params_model), sort_keys=True, separators=(",", ":"))
 
 
 def model_label(params_model: dict[str, Any]) -> str:
@@ -322,7 +335,9 @@ def seconds_per_pass(base: dict[str, Any], where: dict[str, Any], study: list[di
     model = model_config(base["model"])
     mine = [r for r in study if (r["cpu_class"], r["dtype"]) == (where["cpu_class"],
                                                                  where["dtype"])
-            and model_config(r["params"].get("model", base["model"])) == model]
+            and model_key(r["params"]["model"]) == model_key(base["model"])]
+    # timed with fmnist.allocator's setting where there are such runs (run.json records it)
+    mine = [r for r in mine if r.get("allocator") == KEPT] or mine
     if mine:
         rates = [r["train_seconds"] / (r["passes"] * train_images(r["params"])) for r in mine]
         return statistics.median(rates), f"{len(mine)} runs of this study"
@@ -330,7 +345,8 @@ def seconds_per_pass(base: dict[str, Any], where: dict[str, Any], study: list[di
     # runs recorded before `augment` was stored all trained with params.yaml's augmentation
     same = [r for r in tta if (r["cpu_class"], r["dtype"]) == (where["cpu_class"], where["dtype"])
             and model_config(r["model"]) == model
-            and all(r["train"].get(k, base["train"][k]) == base["train"][k] for k in keys)]
+            and all(r["train"].get(k, base["train"][k] if k == "augment" else None)
+                    == base["train"][k] for k in keys)]
     # runs timed with fmnist.allocator's setting, where there are any (older runs page-faulted)
     kept = [r for r in same if r.get("allocator") == KEPT]
     if not same:
@@ -340,7 +356,8 @@ def seconds_per_pass(base: dict[str, Any], where: dict[str, Any], study: list[di
              for r in kept or same]
     source = f"{len(kept or same)} time_to_accuracy runs of the default"
     if not kept:
-        source += " (timed with the page-faulting malloc: an overestimate)"
+        source += (" (timed before fmnist.allocator, with the default or a user-chosen malloc: "
+                   "glibc's default page-faults, so likely an overestimate)")
     return statistics.median(rates), source
 
 
@@ -583,10 +600,16 @@ def run_jobs(exps: Experiments, jobs: list[Job], store: Path, runs: list[dict[st
     for job in jobs:
         mine = [n for n in [*finished, *tasks] if _belongs(n, job)]
         done = [n for n in mine if n in finished]
-        if done:  # a previous invocation's experiment, still in the local refs
-            job.name = done[-1]
-            if save(job, *finished[job.name], None):
-                continue
+        # a previous invocation's experiment, still in the local refs (another model's runs of
+        # the same row and seed may be there too: save refuses those)
+        saved = False
+        for name in reversed(done):
+            job.name = name
+            if save(job, *finished[name], None):
+                saved = True
+                break
+        if saved:
+            continue
         waiting = [n for n in mine if tasks.get(n) in ("Queued", "Running")]
         if waiting:
             job.name = waiting[0]

@@ -210,6 +210,7 @@ def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
         "epoch_seconds": result.timing["epoch_seconds"],
         "images_per_s_median": result.timing["images_per_s_median"],
         "val_acc": result.metrics["val_acc"],
+        "train_acc": result.metrics.get("train_acc"),  # the last epoch's, for telling overfitting
         "test_acc": test_acc,
         "test_acc_flip_tta": tta_acc,
         "model": model_config(params["model"]),

@@ -169,6 +169,9 @@ def test_a_run_from_before_an_optional_model_key_is_that_key_off(base: dict[str,
     ceil = {**base, "model": {**base["model"], "pool_ceil_mode": True}}
     plan = study.make_plan(ceil, ["sam"], {"sam": [0]}, here, [old])
     assert len(plan.jobs) == 1 and plan.held == 0 and plan.copies == []
+    # nor is it the twin of another row's ceil-mode run with otherwise equal params
+    plan = study.make_plan(ceil, ["rho-0.05"], {"rho-0.05": [0]}, here, [old])
+    assert len(plan.jobs) == 1 and plan.copies == []
 
 
 def test_a_new_default_model_adds_runs_beside_the_old_models(base: dict[str, Any]) -> None:
