@@ -703,7 +703,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         model = model_key(run["params"]["model"])
         groups.setdefault((run["cpu_class"], run["dtype"], model), []).append(run)
     out = []
-    for (cpu, dtype, model), members in sorted(groups.items()):
+    for (cpu, dtype, _model), members in sorted(groups.items()):
         order = [r for r in ROWS if any(m["row"] == r for m in members)]
         order += sorted({m["row"] for m in members} - set(order))
         rows = []
@@ -730,7 +730,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 pairs.append({"label": label, "a": a, "b": b, "n": len(diffs["accuracy"]),
                               "diffs": diffs,
                               "intervals": {m: t_interval(d) for m, d in diffs.items()}})
-        out.append({"cpu_class": cpu, "dtype": dtype, "model_key": model,
+        out.append({"cpu_class": cpu, "dtype": dtype, "runs": members,
                     "model": model_label(members[-1]["params"]["model"]),
                     "rows": rows, "pairs": pairs,
                     "threads": sorted({m["threads"] for m in members}),
@@ -812,7 +812,7 @@ def markdown(summary: list[dict[str, Any]], source: str = "sam_study.json") -> s
     return "\n".join(lines) + "\n"
 
 
-def figure(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) -> None:
+def figure(summary: list[dict[str, Any]], path: Path) -> None:
     """Per CPU class and dtype: accuracy per row (seeds as dots), the rho sweep, and the paired
     differences with their intervals."""
     import matplotlib
@@ -822,8 +822,7 @@ def figure(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path
 
     fig, axes = plt.subplots(len(summary), 3, figsize=(17, 4.8 * len(summary)), squeeze=False)
     for (ax_rows, ax_rho, ax_pairs), group in zip(axes, summary, strict=True):
-        mine = [r for r in runs if (r["cpu_class"], r["dtype"], model_key(r["params"]["model"]))
-                == (group["cpu_class"], group["dtype"], group["model_key"])]
+        mine = group["runs"]
         names = [r["row"] for r in group["rows"]]
         for i, r in enumerate(group["rows"]):
             seeds = [100 * m["test"]["accuracy"] for m in mine if m["row"] == r["row"]]
@@ -881,7 +880,7 @@ def report(runs: list[dict[str, Any]], source: Path, markdown_path: Path,
     text = markdown(summary, source.name)
     write_text(markdown_path, text)
     if summary:
-        figure(summary, runs, figure_path)
+        figure(summary, figure_path)
     return text
 
 
