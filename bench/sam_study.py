@@ -39,6 +39,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -934,8 +935,19 @@ def load_runs(path: Path, what: str) -> list[dict[str, Any]]:
         raise FmnistError(f"{path}: not a {what} results file ({exc})") from None
 
 
+def interrupt_on_stop_signals() -> None:
+    """SIGTERM (kill, a CI timeout) and SIGINT, which bash ignores in jobs it backgrounds, both
+    stop the study the way Ctrl+C does: this study's queued and running experiments removed."""
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    interrupt_on_stop_signals()
     try:
         return _main(args)
     except FmnistError as exc:

@@ -8,8 +8,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +463,17 @@ def test_the_estimate_uses_only_runs_of_the_default_recipe(base: dict[str, Any])
     assert source.startswith("1 time_to_accuracy run")
     assert rate == pytest.approx(500.0 / (study.passes(base["train"]) * study.train_images(
         {"preprocess": {**base["preprocess"], "train_subset": None}})))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_kill_and_a_background_sigint_stop_the_study_like_ctrl_c(signum: int) -> None:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what bash does to the jobs it backgrounds
+    try:
+        study.interrupt_on_stop_signals()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
