@@ -45,7 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -388,6 +389,52 @@ def duration(seconds: float | None) -> str:
 # --- DVC ---------------------------------------------------------------------------------------
 
 
+# --- stopping -----------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_deferred = {"depth": 0, "signum": None}
+
+
+def _stop(signum: int, _frame: object) -> None:
+    if _deferred["depth"]:
+        _deferred["signum"] = signum
+        return
+    raise KeyboardInterrupt(signum)
+
+
+def interrupt_on_stop_signals() -> None:
+    """SIGTERM (kill, a CI timeout) and SIGINT (Ctrl+C; also in a script's background job,
+    where bash would have it ignored) stop the study the same way: KeyboardInterrupt, then
+    run_jobs removes this study's queued and running experiments."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
+
+
+@contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Let a dvc/git command finish before a stop signal interrupts: killed midway, `dvc exp
+    run --queue` can leave a half-made stash or a lock behind."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+    if not _deferred["depth"] and _deferred["signum"] is not None:
+        signum, _deferred["signum"] = _deferred["signum"], None
+        raise KeyboardInterrupt(signum)
+
+
+@contextmanager
+def stop_signals_ignored() -> Iterator[None]:
+    """During the cleanup: a second Ctrl+C or a runner's repeated SIGTERM must not cut it."""
+    saved = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 class Experiments:
     """The few DVC and git commands the study needs, run in the repository `root`."""
 
@@ -402,7 +449,8 @@ class Experiments:
     def _run(self, *args: str, check: bool = True) -> str:
         # Files, not pipes: `dvc queue start` leaves a worker daemon holding its output open,
         # and reading a pipe to its end would wait for the whole queue.
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+                stop_deferred():
             proc = subprocess.run(args, cwd=self.root, env=self.env, stdout=out, stderr=err,
                                   stdin=subprocess.DEVNULL, text=True)
             out.seek(0)
@@ -598,6 +646,26 @@ def run_jobs(exps: Experiments, jobs: list[Job], store: Path, runs: list[dict[st
               f"train {entry['train_seconds']:.1f} s{wall_text} ({job.name})", flush=True)
         return True
 
+    try:
+        _queue_and_wait(exps, jobs, pending, finished, tasks, workers, save,
+                        poll_s=poll_s, status_s=status_s, progress=progress)
+    except KeyboardInterrupt:
+        with stop_signals_ignored():
+            tasks, _ = exps.status()
+            exps.stop(pending, tasks)
+            print(f"sam_study: interrupted: removed {len(pending)} queued or running "
+                  "experiment(s) of this study; what finished is in the JSON, rerun to resume",
+                  file=sys.stderr)
+        raise
+    return progress
+
+
+def _queue_and_wait(exps: Experiments, jobs: list[Job], pending: dict[str, Job],
+                    finished: dict[str, tuple[str, str]], tasks: dict[str, str], workers: int,
+                    save: Callable[[Job, str, str, float | None], bool], *, poll_s: float,
+                    status_s: float, progress: Progress) -> None:
+    """Adopt or queue every job (into `pending` before it is queued, so a stop removes it),
+    start the queue and save each experiment as it finishes."""
     for job in jobs:
         mine = [n for n in [*finished, *tasks] if _belongs(n, job)]
         done = [n for n in mine if n in finished]
@@ -615,12 +683,13 @@ def run_jobs(exps: Experiments, jobs: list[Job], store: Path, runs: list[dict[st
         if waiting:
             job.name = waiting[0]
             print(f"sam_study: {job.name} is already in the queue: waiting for it", flush=True)
+            pending[job.name] = job
         else:
             job.name = f"{NAME_PREFIX}-{job.row}-s{job.seed}-{secrets.token_hex(3)}"
+            pending[job.name] = job
             exps.queue(job)
-        pending[job.name] = job
     if not pending:
-        return progress
+        return
     others = [n for n, s in tasks.items() if s in ("Queued", "Running") and n not in pending]
     if others:
         print(f"sam_study: note: the queue also holds {len(others)} other experiment(s) "
@@ -632,41 +701,33 @@ def run_jobs(exps: Experiments, jobs: list[Job], store: Path, runs: list[dict[st
     since = time.monotonic()
     last_status = time.monotonic()
     stalled = 0
-    try:
-        while pending:
-            time.sleep(poll_s)
-            finished = exps.refs()
-            for name in [n for n in pending if n in finished]:
-                now = time.monotonic()
-                if not save(pending.pop(name), *finished[name], now - since):
-                    progress.failed.append(name)
-                since = now
-            if not pending or time.monotonic() - last_status < status_s:
-                continue
-            last_status = time.monotonic()
-            tasks, workers = exps.status()
-            finished = exps.refs()
-            for name in [n for n in pending if tasks.get(n) in ("Failed", "Success")
-                         and n not in finished]:
-                pending.pop(name)
+    while pending:
+        time.sleep(poll_s)
+        finished = exps.refs()
+        for name in [n for n in pending if n in finished]:
+            now = time.monotonic()
+            if not save(pending.pop(name), *finished[name], now - since):
                 progress.failed.append(name)
-                print(f"sam_study: {name} failed:\n{exps.log_tail(name)}", file=sys.stderr)
-                since = time.monotonic()
-            running = any(tasks.get(n) == "Running" for n in pending)
-            stalled = 0 if (workers or running or not pending) else stalled + 1
-            if stalled == 1:
-                exps.start()
-            elif stalled >= 3:
-                raise FmnistError(f"the DVC queue stopped with {len(pending)} experiment(s) "
-                                  "of this study waiting (see `dvc queue status`); rerun to "
-                                  "resume")
-    except KeyboardInterrupt:
-        tasks, _ = exps.status()
-        exps.stop(pending, tasks)
-        print(f"sam_study: interrupted: removed {len(pending)} queued or running experiment(s)"
-              " of this study; what finished is in the JSON, rerun to resume", file=sys.stderr)
-        raise
-    return progress
+            since = now
+        if not pending or time.monotonic() - last_status < status_s:
+            continue
+        last_status = time.monotonic()
+        tasks, workers = exps.status()
+        finished = exps.refs()
+        for name in [n for n in pending if tasks.get(n) in ("Failed", "Success")
+                     and n not in finished]:
+            pending.pop(name)
+            progress.failed.append(name)
+            print(f"sam_study: {name} failed:\n{exps.log_tail(name)}", file=sys.stderr)
+            since = time.monotonic()
+        running = any(tasks.get(n) == "Running" for n in pending)
+        stalled = 0 if (workers or running or not pending) else stalled + 1
+        if stalled == 1:
+            exps.start()
+        elif stalled >= 3:
+            raise FmnistError(f"the DVC queue stopped with {len(pending)} experiment(s) "
+                              "of this study waiting (see `dvc queue status`); rerun to "
+                              "resume")
 
 
 def _belongs(name: str, job: Job) -> bool:
@@ -935,16 +996,6 @@ def load_runs(path: Path, what: str) -> list[dict[str, Any]]:
         raise FmnistError(f"{path}: not a {what} results file ({exc})") from None
 
 
-def interrupt_on_stop_signals() -> None:
-    """SIGTERM (kill, a CI timeout) and SIGINT, which bash ignores in jobs it backgrounds, both
-    stop the study the way Ctrl+C does: this study's queued and running experiments removed."""
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     interrupt_on_stop_signals()
@@ -953,8 +1004,9 @@ def main(argv: list[str] | None = None) -> int:
     except FmnistError as exc:
         print(f"sam_study: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        return 128 + signum
 
 
 def _main(args: argparse.Namespace) -> int:

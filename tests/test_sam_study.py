@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -465,15 +464,86 @@ def test_the_estimate_uses_only_runs_of_the_default_recipe(base: dict[str, Any])
         {"preprocess": {**base["preprocess"], "train_subset": None}})))
 
 
+# --- stopping: Ctrl+C, kill, a background job's SIGINT --------------------------------------
+
+STOP_PROBE = """
+import importlib.util, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # what bash does to a script's background jobs
+spec = importlib.util.spec_from_file_location("sam_study", sys.argv[1])
+study = importlib.util.module_from_spec(spec)
+sys.modules["sam_study"] = study
+spec.loader.exec_module(study)
+def stopped_midway(args):
+    os.kill(os.getpid(), int(sys.argv[2]))
+    time.sleep(10)
+    return 0
+study._main = stopped_midway
+sys.exit(study.main(["--dry-run"]))
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_kill_and_a_background_sigint_stop_the_study_like_ctrl_c(signum: int) -> None:
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what bash does to the jobs it backgrounds
-    try:
-        study.interrupt_on_stop_signals()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signum)
-            time.sleep(5)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+def test_kill_and_a_background_sigint_stop_the_study_with_the_shells_status(signum: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", STOP_PROBE, str(REPO / "bench" / "sam_study.py"),
+                           str(int(signum))], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 128 + signum, proc.stderr
+
+
+@pytest.fixture
+def stop_handlers() -> Any:
+    saved = {s: signal.getsignal(s) for s in study.STOP_SIGNALS}
+    study.interrupt_on_stop_signals()
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+class StoppedExperiments(FakeExperiments):
+    """A stop signal arrives while queueing the `stop_at_queue`-th job, or at a poll; what the
+    cleanup asked to remove is noted."""
+
+    def __init__(self, base: dict[str, Any], store: Path, *, stop_at_queue: int = 0,
+                 stop_at_poll: int = 0, again_in_cleanup: bool = False) -> None:
+        super().__init__(base, store)
+        self.stop_at_queue, self.stop_at_poll = stop_at_queue, stop_at_poll
+        self.again_in_cleanup = again_in_cleanup
+        self.removed: list[str] = []
+
+    def queue(self, job: Any) -> None:
+        with study.stop_deferred():  # as Experiments._run runs every dvc command
+            if len(self.queued) + 1 == self.stop_at_queue:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().queue(job)
+
+    def refs(self) -> dict[str, tuple[str, str]]:
+        if self.polls + 1 == self.stop_at_poll:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().refs()
+
+    def stop(self, names: Any, status: dict[str, str]) -> None:
+        if self.again_in_cleanup:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.removed = [n for n in names if status.get(n) in ("Queued", "Running")]
+
+
+@pytest.mark.parametrize("where", [{"stop_at_queue": 2}, {"stop_at_poll": 2},
+                                   {"stop_at_poll": 2, "again_in_cleanup": True}])
+def test_a_stop_removes_every_queued_experiment_of_the_study(
+    base: dict[str, Any], tmp_path: Path, stop_handlers: Any, where: dict[str, Any]
+) -> None:
+    plan = study.make_plan(base, ["sam", "sgd"], {"sam": [0, 1], "sgd": [0]}, here, [])
+    exps = StoppedExperiments(base, tmp_path / "sam_study.json", **where)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_jobs(exps, plan.jobs, tmp_path / "sam_study.json", [], dirty=False, poll_s=0,
+                       status_s=60)
+    # the job being queued when the signal came counts too: dvc finished queueing it first
+    assert len(exps.queued) == (2 if "stop_at_queue" in where else 3)
+    assert exps.removed == exps.queued
+
+
+def test_a_dvc_command_finishes_before_a_stop_interrupts(tmp_path: Path,
+                                                         stop_handlers: Any) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        study.Experiments(tmp_path)._run("sh", "-c", "kill -TERM $PPID; sleep 1; touch done")
+    assert (tmp_path / "done").exists()
