@@ -39,14 +39,12 @@ import math
 import os
 import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +55,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's fmnist, as the experiments import it
 
+from fmnist import signals  # noqa: E402
 from fmnist.allocator import KEPT  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
 from fmnist.errors import FmnistError  # noqa: E402
@@ -389,52 +388,6 @@ def duration(seconds: float | None) -> str:
 # --- DVC ---------------------------------------------------------------------------------------
 
 
-# --- stopping -----------------------------------------------------------------------------------
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_deferred = {"depth": 0, "signum": None}
-
-
-def _stop(signum: int, _frame: object) -> None:
-    if _deferred["depth"]:
-        _deferred["signum"] = signum
-        return
-    raise KeyboardInterrupt(signum)
-
-
-def interrupt_on_stop_signals() -> None:
-    """SIGTERM (kill, a CI timeout) and SIGINT (Ctrl+C; also in a script's background job,
-    where bash would have it ignored) stop the study the same way: KeyboardInterrupt, then
-    run_jobs removes this study's queued and running experiments."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop)
-
-
-@contextmanager
-def stop_deferred() -> Iterator[None]:
-    """Let a dvc/git command finish before a stop signal interrupts: killed midway, `dvc exp
-    run --queue` can leave a half-made stash or a lock behind."""
-    _deferred["depth"] += 1
-    try:
-        yield
-    finally:
-        _deferred["depth"] -= 1
-    if not _deferred["depth"] and _deferred["signum"] is not None:
-        signum, _deferred["signum"] = _deferred["signum"], None
-        raise KeyboardInterrupt(signum)
-
-
-@contextmanager
-def stop_signals_ignored() -> Iterator[None]:
-    """During the cleanup: a second Ctrl+C or a runner's repeated SIGTERM must not cut it."""
-    saved = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-
-
 class Experiments:
     """The few DVC and git commands the study needs, run in the repository `root`."""
 
@@ -448,9 +401,10 @@ class Experiments:
 
     def _run(self, *args: str, check: bool = True) -> str:
         # Files, not pipes: `dvc queue start` leaves a worker daemon holding its output open,
-        # and reading a pipe to its end would wait for the whole queue.
+        # and reading a pipe to its end would wait for the whole queue. A stop signal waits for
+        # the command: killed midway, `dvc exp run --queue` can leave a half stash or a lock.
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
-                stop_deferred():
+                signals.deferred():
             proc = subprocess.run(args, cwd=self.root, env=self.env, stdout=out, stderr=err,
                                   stdin=subprocess.DEVNULL, text=True)
             out.seek(0)
@@ -650,7 +604,7 @@ def run_jobs(exps: Experiments, jobs: list[Job], store: Path, runs: list[dict[st
         _queue_and_wait(exps, jobs, pending, finished, tasks, workers, save,
                         poll_s=poll_s, status_s=status_s, progress=progress)
     except KeyboardInterrupt:
-        with stop_signals_ignored():
+        with signals.deferred():  # a second Ctrl+C or a runner's repeated SIGTERM waits too
             tasks, _ = exps.status()
             exps.stop(pending, tasks)
             print(f"sam_study: interrupted: removed {len(pending)} queued or running "
@@ -998,15 +952,18 @@ def load_runs(path: Path, what: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    interrupt_on_stop_signals()
+    # SIGTERM (kill, a CI timeout) and SIGINT (Ctrl+C, also in a script's background job where
+    # bash would have it ignored) stop the study alike: run_jobs removes its experiments
+    signals.install()
     try:
         return _main(args)
     except FmnistError as exc:
         print(f"sam_study: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        return 128 + signum
+    except signals.Interrupted as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
 
 
 def _main(args: argparse.Namespace) -> int:

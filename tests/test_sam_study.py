@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fmnist import signals
 from fmnist.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -492,9 +493,10 @@ def test_kill_and_a_background_sigint_stop_the_study_with_the_shells_status(sign
 
 @pytest.fixture
 def stop_handlers() -> Any:
-    saved = {s: signal.getsignal(s) for s in study.STOP_SIGNALS}
-    study.interrupt_on_stop_signals()
+    saved = {s: signal.getsignal(s) for s in signals.HANDLED}
+    signals.install()
     yield
+    signals.reset()
     for s, handler in saved.items():
         signal.signal(s, handler)
 
@@ -511,7 +513,7 @@ class StoppedExperiments(FakeExperiments):
         self.removed: list[str] = []
 
     def queue(self, job: Any) -> None:
-        with study.stop_deferred():  # as Experiments._run runs every dvc command
+        with signals.deferred():  # as Experiments._run runs every dvc command
             if len(self.queued) + 1 == self.stop_at_queue:
                 os.kill(os.getpid(), signal.SIGTERM)
             super().queue(job)
