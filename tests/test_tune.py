@@ -293,3 +293,73 @@ def test_budget_line_counts_trials_and_confirmation_in_train_stage_runs() -> Non
     assert "about 1.5 train-stage runs before pruning" in line and "pruning stops" in line
     params["tune"]["pruner"] = "none"
     assert "(no pruning)" in budget_line(params, 4000, 54000, 6000)
+
+
+# --- pruning rungs and the candidates they leave --------------------------------------------------
+
+
+def test_the_first_rung_is_the_end_of_the_one_cycle_warm_up() -> None:
+    from fmnist.tune import make_pruner
+
+    params = tiny_params(pruner="successive_halving", epochs=16)
+    params["train"]["schedule"].update(name="onecycle", pct_start=0.25)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(params))
+    for _ in range(3):
+        good = study.ask()
+        for epoch in range(1, 17):
+            good.report(0.9, epoch)
+            good.should_prune()
+        study.tell(good, 0.9)
+    poor = study.ask()
+    decisions = []
+    for epoch in range(1, 5):
+        poor.report(0.5, epoch)
+        decisions.append(poor.should_prune())
+    # still warming up at epochs 1-3: nothing is judged before the peak learning rate
+    assert decisions == [False, False, False, True]
+
+
+def _finished(study: optuna.Study, lr: float, curve: list[float], pruned: bool) -> None:
+    distributions = {"lr": optuna.distributions.FloatDistribution(0.01, 0.3, log=True)}
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": lr}, distributions=distributions,
+        state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+        value=None if pruned else curve[-1],
+        intermediate_values={epoch: v for epoch, v in enumerate(curve, start=1)},
+        user_attrs={"epochs_run": len(curve)}))
+
+
+def test_candidates_are_the_trials_run_furthest_then_the_best_where_they_stopped() -> None:
+    from fmnist.tune_confirm import top_trials, trial_label
+
+    study = optuna.create_study(direction="maximize")
+    _finished(study, 0.03, [0.80, 0.85, 0.90, 0.91], pruned=False)   # 0: ran to the end
+    _finished(study, 0.10, [0.80, 0.86], pruned=True)                # 1: stopped at 2
+    _finished(study, 0.20, [0.90, 0.95], pruned=True)                # 2: stopped at 2, best there
+    _finished(study, 0.05, [0.99], pruned=True)                      # 3: stopped at 1
+    _finished(study, 0.20, [0.70, 0.94], pruned=True)                # 4: trial 2's values again
+    assert [t.number for t in top_trials(study, 3)] == [0, 2, 1]
+    assert [t.number for t in top_trials(study, 3, exclude={"lr": 0.03})] == [2, 1, 3]
+    assert top_trials(study, 0) == []
+    assert [trial_label(t, 4) for t in top_trials(study, 2)] == [
+        "trial 0", "trial 2 (stopped at epoch 2)"]
+
+
+def test_a_confirmation_with_few_finished_trials_still_confirms_the_candidates_asked(
+    tmp_path: Path
+) -> None:
+    from fmnist.tune_confirm import DEFAULT_LABEL, run_confirmation
+
+    params = tiny_params(trials=2, confirm={"candidates": 2, "seeds": 2})
+    study = run_study(DATA, params, study_dir=tmp_path, pruner=PruneOddTrials(), progress=False)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    confirmation = run_confirmation(DATA, params, study, progress=False)
+    assert confirmation is not None
+    assert [c.label for c in confirmation.candidates] == [
+        DEFAULT_LABEL, "trial 0", "trial 1 (stopped at epoch 1)"]
+    write_reports(study, params, tmp_path / "reports", confirmation)
+    report = (tmp_path / "reports" / "report.md").read_text()
+    assert "| trial 1 (stopped at epoch 1) |" in report
+    table = report[report.index("## Top"):]
+    assert [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| trial")] == ["0", "1"]

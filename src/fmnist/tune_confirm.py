@@ -29,7 +29,7 @@ DEFAULT_LABEL = "params.yaml"
 
 @dataclass(frozen=True)
 class Candidate:
-    label: str  # "params.yaml" or "trial N"
+    label: str  # "params.yaml", "trial N" or "trial N (stopped at epoch E)"
     values: dict[str, Any]
     val_acc: list[float]  # one per confirmation seed, in seed order
 
@@ -77,19 +77,44 @@ def confirm_seeds(params: dict[str, Any]) -> list[int]:
     return [params["seed"] + 1 + i for i in range(params["tune"]["confirm"]["seeds"])]
 
 
+def furthest(trial: FrozenTrial) -> tuple[int, float]:
+    """(epochs a trial ran, its validation accuracy then): a finished trial at its last
+    epoch, a pruned one at the rung that stopped it."""
+    if not trial.intermediate_values:
+        return (0, trial.value if trial.value is not None else -math.inf)
+    epoch = max(trial.intermediate_values)
+    return (epoch, trial.intermediate_values[epoch])
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete and pruned trials, the furthest-run first, then by validation accuracy there
+    (ties: earlier first). Successive halving lets about one trial in 3^rungs finish, so the
+    candidates cannot be the finished trials alone: the ones the pruner kept longest come next,
+    compared where they stopped."""
+    trials = [t for t in study.get_trials(deepcopy=False,
+                                          states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if not t.user_attrs.get("surplus")]
+    return sorted(trials, key=lambda t: (-furthest(t)[0], -furthest(t)[1], t.number))
+
+
 def top_trials(study: optuna.Study, k: int,
                exclude: dict[str, Any] | None = None) -> list[FrozenTrial]:
-    """The k best complete trials with distinct values other than `exclude` (the default's),
-    best first (ties: earlier first)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if not t.user_attrs.get("surplus")]
+    """The k best trials (`ranked_trials`) with distinct values other than `exclude` (the
+    default's)."""
     chosen: list[FrozenTrial] = []
-    for t in sorted(complete, key=lambda t: (-t.value, t.number)):
-        if t.params != exclude and all(t.params != c.params for c in chosen):
-            chosen.append(t)
+    for t in ranked_trials(study):
         if len(chosen) == k:
             break
+        if t.params != exclude and all(t.params != c.params for c in chosen):
+            chosen.append(t)
     return chosen
+
+
+def trial_label(trial: FrozenTrial, epochs: int) -> str:
+    """"trial 3", or "trial 5 (stopped at epoch 12)" for a pruned one."""
+    ran = furthest(trial)[0]
+    return f"trial {trial.number}" if ran >= epochs else \
+        f"trial {trial.number} (stopped at epoch {ran})"
 
 
 def paired_interval(diffs: list[float], *, comparisons: int = 1,
@@ -130,7 +155,7 @@ def run_confirmation(data: Any, params: dict[str, Any], study: optuna.Study, *,
     seeds = confirm_seeds(params)
     default = {key: params["train"][key] for key in sorted(tune["space"])}
     entries = [(DEFAULT_LABEL, default)]
-    entries += [(f"trial {t.number}", dict(sorted(t.params.items())))
+    entries += [(trial_label(t, horizon(params)), dict(sorted(t.params.items())))
                 for t in top_trials(study, k, exclude=default)]
     stored = study.user_attrs
     candidates = []

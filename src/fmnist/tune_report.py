@@ -16,8 +16,8 @@ from optuna.trial import FrozenTrial, TrialState
 from fmnist.atomic import atomic_path, publish_dir, write_json, write_text
 from fmnist.constants import TUNE_DIR
 from fmnist.errors import FmnistError
-from fmnist.tune import horizon
-from fmnist.tune_confirm import Confirmation
+from fmnist.tune import horizon, rungs
+from fmnist.tune_confirm import Confirmation, furthest, ranked_trials
 
 TOP_TRIALS = 10
 
@@ -176,7 +176,8 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
     lines = [
         "# Hyperparameter search",
         "",
-        f"Study `{study.study_name}`: sampler `{tune['sampler']}`, pruner `{tune['pruner']}`, "
+        f"Study `{study.study_name}`: sampler `{tune['sampler']}`, pruner `{tune['pruner']}`"
+        f"{rung_note(params)}, "
         f"{horizon(params)} epochs per trial run to the end (pruned ones stop earlier) on "
         f"{subset}; "
         "objective: validation accuracy after the last epoch. The test split is never used.",
@@ -192,18 +193,28 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
         *confirmation_lines(confirmation),
         *named_best_lines(named, params, command),
         "",
-        f"## Top {TOP_TRIALS} complete trials",
+        f"## Top {TOP_TRIALS} trials",
+        "",
+        "The furthest-run first (the confirmation draws its candidates in this order), then by "
+        "validation accuracy at the last epoch a trial ran:",
         "",
     ]
     keys = sorted(best.params)
-    lines += ["| trial | " + " | ".join(keys) + " | val acc |",
-              "|---" * (len(keys) + 2) + "|"]
-    top = sorted(_complete(study), key=lambda t: (-t.value, t.number))[:TOP_TRIALS]
-    for t in top:
+    lines += ["| trial | " + " | ".join(keys) + " | epochs | val acc |",
+              "|---" * (len(keys) + 3) + "|"]
+    for t in ranked_trials(study)[:TOP_TRIALS]:
         cells = " | ".join(_short(t.params.get(k, "")) for k in keys)
-        lines.append(f"| {t.number} | {cells} | {t.value:.4f} |")
+        epochs, value = furthest(t)
+        lines.append(f"| {t.number} | {cells} | {epochs} | {value:.4f} |")
     lines += ["", "All trials: `trials.csv`; figures: `figures/`.", ""]
     return "\n".join(lines)
+
+
+def rung_note(params: dict[str, Any]) -> str:
+    """" (rungs at epochs 4, 12)" for successive halving, else nothing."""
+    if params["tune"]["pruner"] != "successive_halving" or not rungs(params):
+        return ""
+    return " (rungs at epochs " + ", ".join(str(r) for r in rungs(params)) + ")"
 
 
 def named_best_lines(named: dict[str, Any] | None, params: dict[str, Any],
