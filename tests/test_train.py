@@ -91,6 +91,22 @@ def test_rerun_gives_bit_identical_weights_and_metrics() -> None:
     assert a.metrics == b.metrics
 
 
+def test_scoring_fewer_epochs_skips_their_validation_and_changes_nothing_else() -> None:
+    # EMA on: the scored model is the weight average, which must not move when not scored
+    params = tiny_params(epochs=3, ema_decay=0.9)
+    every = fit(DATA, params, progress=False)
+    seen: list[tuple[int, float]] = []
+    last_only = fit(DATA, params, progress=False, scored_epochs=(),
+                    on_epoch_end=lambda epoch, stats: seen.append((epoch, stats["val_acc"])))
+    assert _same_weights(every.model, last_only.model)
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert all(np.isnan(v) for _, v in seen[:2]) and seen[2][1] == every.metrics["val_acc"]
+    assert last_only.metrics["best_val_acc"] == every.metrics["val_acc"]
+    second = fit(DATA, params, progress=False, scored_epochs=[2])
+    assert [np.isnan(e["val_acc"]) for e in second.history] == [True, False, False]
+    assert second.history[1]["val_acc"] == every.history[1]["val_acc"]
+
+
 def test_other_seed_gives_other_weights() -> None:
     params = tiny_params()
     params["seed"] = 7

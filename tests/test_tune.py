@@ -287,10 +287,12 @@ def test_budget_line_counts_trials_and_confirmation_in_train_stage_runs() -> Non
     params = tiny_params(trials=8, epochs=None, confirm={"candidates": 2, "seeds": 2},
                          pruner="successive_halving")
     params["train"]["epochs"] = 16
-    # (8 trials + 3 candidates x 2 seeds) x (4,000 + 6,000 / 3) / (54,000 + 6,000 / 3) = 1.5
+    # a train-stage run: 16 x (54,000 + 6,000 / 3) image-equivalents; a trial scores
+    # validation at its rungs (4, 12) and the last epoch, a confirmation run at the last only:
+    # (8 x (16 x 4,000 + 3 x 2,000) + 6 x (16 x 4,000 + 2,000)) / (16 x 56,000) = 1.07
     line = budget_line(params, 4000, 54000, 6000)
     assert "8 trials of up to 16 epochs" in line and "6 confirmation runs" in line
-    assert "about 1.5 train-stage runs before pruning" in line and "pruning stops" in line
+    assert "about 1.1 train-stage runs before pruning" in line and "pruning stops" in line
     params["tune"]["pruner"] = "none"
     assert "(no pruning)" in budget_line(params, 4000, 54000, 6000)
 
@@ -346,15 +348,27 @@ def test_candidates_are_the_trials_run_furthest_then_the_best_where_they_stopped
 
 
 def test_a_confirmation_with_few_finished_trials_still_confirms_the_candidates_asked(
-    tmp_path: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from fmnist import train as train_module
     from fmnist.tune_confirm import DEFAULT_LABEL, run_confirmation
 
     params = tiny_params(trials=2, confirm={"candidates": 2, "seeds": 2})
     study = run_study(DATA, params, study_dir=tmp_path, pruner=PruneOddTrials(), progress=False)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    real_fit, histories = train_module.fit, []
+
+    def recording_fit(*args: Any, **kwargs: Any) -> Any:
+        result = real_fit(*args, **kwargs)
+        histories.append(result.history)
+        return result
+
+    monkeypatch.setattr(train_module, "fit", recording_fit)
     confirmation = run_confirmation(DATA, params, study, progress=False)
     assert confirmation is not None
+    # a confirmation run uses its last epoch's score only, and scores no other
+    assert len(histories) == 6 and all(
+        [np.isnan(e["val_acc"]) for e in h] == [True, False] for h in histories)
     assert [c.label for c in confirmation.candidates] == [
         DEFAULT_LABEL, "trial 0", "trial 1 (stopped at epoch 1)"]
     write_reports(study, params, tmp_path / "reports", confirmation)
@@ -363,3 +377,13 @@ def test_a_confirmation_with_few_finished_trials_still_confirms_the_candidates_a
     table = report[report.index("## Top"):]
     assert [line.split("|")[1].strip() for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| trial")] == ["0", "1"]
+
+
+def test_a_trial_scores_validation_only_at_its_rungs_and_last_epoch(tmp_path: Path) -> None:
+    params = tiny_params(trials=1, epochs=4, pruner="successive_halving")
+    params["train"]["schedule"].update(name="onecycle", pct_start=0.5)  # first rung: epoch 2
+    study = run_study(DATA, params, study_dir=tmp_path, progress=False)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["epochs_run"] == 4
+    assert sorted(trial.intermediate_values) == [2, 4]
+    assert trial.value == trial.intermediate_values[4]

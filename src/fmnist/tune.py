@@ -167,19 +167,25 @@ def budget_line(params: dict[str, Any], train_size: int, full_train_size: int,
                 val_size: int = 0) -> str:
     """What the search will cost, in runs of the train stage, printed before it starts.
 
-    Each epoch also scores the validation split: a forward pass, counted as a third of a
-    training image.
+    A validation pass is a forward pass, counted as a third of a training image; the train stage
+    scores every epoch, a trial only its `scored_epochs` and the last, a confirmation run the last.
     """
     tune = params["tune"]
-    per_image = (train_size + val_size / 3) / (full_train_size + val_size / 3)
-    per_run = horizon(params) / params["train"]["epochs"] * per_image
+    epochs = horizon(params)
+    stage = params["train"]["epochs"] * (full_train_size + val_size / 3)
+
+    def run_cost(scored: int) -> float:
+        return (epochs * train_size + scored * val_size / 3) / stage
+
+    trial_scores = len(set(scored_epochs(params)) | {epochs})
     confirm = tune["confirm"]
     confirm_runs = (confirm["candidates"] + 1) * confirm["seeds"] if confirm["candidates"] else 0
     trials = target_trials(tune)
     pruning = "no pruning" if tune["pruner"] == "none" else "pruning stops most of them early"
-    return (f"tune: budget: {trials} trials of up to {horizon(params)} epochs on "
+    total = trials * run_cost(trial_scores) + confirm_runs * run_cost(1)
+    return (f"tune: budget: {trials} trials of up to {epochs} epochs on "
             f"{train_size:,} images ({pruning}) + {confirm_runs} confirmation runs: about "
-            f"{(trials + confirm_runs) * per_run:.1f} train-stage runs before pruning")
+            f"{total:.1f} train-stage runs before pruning")
 
 
 # --- study identity and storage ---------------------------------------------------------------
@@ -291,6 +297,17 @@ def rungs(params: dict[str, Any]) -> list[int]:
     return out
 
 
+def scored_epochs(params: dict[str, Any]) -> list[int]:
+    """Epochs after which a trial scores the validation split: where its pruner looks (fit
+    always scores the last). Scoring every epoch cost a third of the default search."""
+    pruner = params["tune"]["pruner"]
+    if pruner in ("successive_halving", "hyperband"):  # hyperband's brackets share these rungs
+        return rungs(params)
+    if pruner == "median":
+        return list(range(first_rung(params), horizon(params)))
+    return []
+
+
 def make_pruner(params: dict[str, Any]) -> optuna.pruners.BasePruner:
     """successive_halving: from the first rung (the warm-up's end) up to the full horizon, a
     trial goes on past each rung (4, 12 epochs of 16) only while in the best third there;
@@ -328,8 +345,10 @@ def _counts(trials: Sequence[FrozenTrial]) -> dict[TrialState, int]:
 class Objective:
     """One trial: fit with the trial's values, report val accuracy per epoch, prune if hopeless."""
 
-    def __init__(self, data: Prepared, params: dict[str, Any], target: int, threads: int | None):
+    def __init__(self, data: Prepared, params: dict[str, Any], target: int, threads: int | None,
+                 scored: list[int] | None):
         self.data, self.params, self.target, self.threads = data, params, target, threads
+        self.scored = scored  # epochs to score (None: every one), see scored_epochs
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.surplus = False
 
@@ -349,16 +368,17 @@ class Objective:
         trial.set_user_attr("worker", self.worker)
 
         def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
+            trial.set_user_attr("epochs_run", epoch)
+            if math.isnan(stats["val_acc"]):  # not scored: no rung here
+                return
             seen.append(float(stats["val_acc"]))
-            step = len(seen)  # epochs run: the pruner's rungs are epochs
-            trial.set_user_attr("epochs_run", len(seen))
-            trial.report(seen[-1], step)
+            trial.report(seen[-1], epoch)  # the pruner's rungs are epochs
             # Pruning after the last epoch saves nothing and throws a finished result away.
-            if len(seen) < epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"val_acc {seen[-1]:.4f} after epoch {len(seen)}")
+            if epoch < epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"val_acc {seen[-1]:.4f} after epoch {epoch}")
 
         fit(self.data, params, epochs=epochs, train_subset=tune["train_subset"],
-            on_epoch_end=on_epoch_end, progress=False)
+            on_epoch_end=on_epoch_end, progress=False, scored_epochs=self.scored)
         if not seen:
             raise FmnistError(f"tune: trial {trial.number}: fit reported no epoch")
         return seen[-1]
@@ -393,7 +413,9 @@ def work(data: Prepared, params: dict[str, Any], url: str, name: str, *, worker:
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=make_sampler(tune, seed),
                               pruner=pruner if pruner is not None else make_pruner(params))
-    objective = Objective(data, params, target, threads)
+    # a pruner passed in (tests) may look at any epoch
+    objective = Objective(data, params, target, threads,
+                          scored_epochs(params) if pruner is None else None)
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:
         if progress and not trial.user_attrs.get("surplus"):

@@ -166,7 +166,8 @@ def run_confirmation(data: Any, params: dict[str, Any], study: optuna.Study, *,
             if key not in stored:
                 run = trial_params(params, values)
                 run["seed"] = seed
-                result = fit(data, run, train_subset=tune["train_subset"], progress=False)
+                result = fit(data, run, train_subset=tune["train_subset"], progress=False,
+                             scored_epochs=())  # only the last epoch's score is used
                 study.set_user_attr(key, {"values": values, "seed": seed,
                                           "val_acc": float(result.metrics["val_acc"])})
                 stored = study.user_attrs
