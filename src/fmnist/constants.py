@@ -53,9 +53,9 @@ RAW_GZ_BYTES: dict[str, int] = {
 # Byte sizes of the decompressed IDX files (header + one byte per pixel or label): a gzip that
 # inflates past them is refused before the rest is read (a gzip bomb in a folder or a mirror).
 RAW_BYTES: dict[str, int] = {
-    "train-images-idx3-ubyte.gz": 16 + 60_000 * 28 * 28,
+    "train-images-idx3-ubyte.gz": 16 + 60_000 * IMAGE_SIZE * IMAGE_SIZE,
     "train-labels-idx1-ubyte.gz": 8 + 60_000,
-    "t10k-images-idx3-ubyte.gz": 16 + 10_000 * 28 * 28,
+    "t10k-images-idx3-ubyte.gz": 16 + 10_000 * IMAGE_SIZE * IMAGE_SIZE,
     "t10k-labels-idx1-ubyte.gz": 8 + 10_000,
 }
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fmnist import pt2
+from fmnist.constants import PT2_SUFFIX
 from fmnist.h5weights import load_h5_model
 from fmnist.modelfile import H5_SUFFIXES, model_from_payload, read_model_file
 
@@ -25,7 +26,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == pt2.SUFFIX:
+    if suffix == PT2_SUFFIX:
         return pt2.load_program(path, map_location=map_location)
     if suffix in H5_SUFFIXES:
         model = load_h5_model(path)

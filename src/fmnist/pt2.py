@@ -35,11 +35,10 @@ from torch import nn
 from torch.export.pt2_archive import constants as layout
 
 from fmnist import signals
-from fmnist.constants import MAX_TEMPERATURE, MIN_TEMPERATURE, PT2_SUFFIX
+from fmnist.constants import MAX_TEMPERATURE, MIN_TEMPERATURE
 from fmnist.errors import FmnistError, first_line
 from fmnist.model import TEMPERATURE
 
-SUFFIX = PT2_SUFFIX
 MODEL = "model"  # torch.export.save names its one program "model"
 PROGRAM = layout.MODELS_FILENAME_FORMAT.format(MODEL)
 SAMPLE_INPUTS = layout.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL)
