@@ -295,6 +295,10 @@ def test_budget_line_counts_trials_and_confirmation_in_train_stage_runs() -> Non
     assert "about 1.1 train-stage runs before pruning" in line and "pruning stops" in line
     params["tune"]["pruner"] = "none"
     assert "(no pruning)" in budget_line(params, 4000, 54000, 6000)
+    # a warm-up as long as the horizon leaves no rung before the last epoch
+    params["tune"]["pruner"] = "successive_halving"
+    params["train"]["schedule"].update(name="onecycle", pct_start=0.99)
+    assert "(no pruning)" in budget_line(params, 4000, 54000, 6000)
 
 
 # --- pruning rungs and the candidates they leave --------------------------------------------------
@@ -379,11 +383,15 @@ def test_a_confirmation_with_few_finished_trials_still_confirms_the_candidates_a
             if line.startswith("| ") and not line.startswith("| trial")] == ["0", "1"]
 
 
-def test_a_trial_scores_validation_only_at_its_rungs_and_last_epoch(tmp_path: Path) -> None:
-    params = tiny_params(trials=1, epochs=4, pruner="successive_halving")
+def test_trials_score_validation_only_at_their_rungs_and_the_real_pruner_stops_them_there(
+    tmp_path: Path
+) -> None:
+    params = tiny_params(trials=4, epochs=4, pruner="successive_halving")
     params["train"]["schedule"].update(name="onecycle", pct_start=0.5)  # first rung: epoch 2
     study = run_study(DATA, params, study_dir=tmp_path, progress=False)
-    (trial,) = study.trials
-    assert trial.state == TrialState.COMPLETE and trial.user_attrs["epochs_run"] == 4
-    assert sorted(trial.intermediate_values) == [2, 4]
-    assert trial.value == trial.intermediate_values[4]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, "these seeds prune trial 3 at the rung"
+    for t in study.trials:
+        ran = t.user_attrs["epochs_run"]
+        assert (ran, sorted(t.intermediate_values)) == ((2, [2]) if t in pruned else (4, [2, 4]))
+    assert all(t.value == t.intermediate_values[4] for t in study.trials if t not in pruned)

@@ -376,7 +376,9 @@ def fit(
     print_ = tqdm.write if progress else (lambda _message: None)
     run_id = ""
     if checkpoint_path is not None:
-        shape = {"train_subset": train_subset, "world_size": dist.world_size}
+        shape: dict[str, Any] = {"train_subset": train_subset, "world_size": dist.world_size}
+        if scored_epochs is not None:  # a resumed history must be scored alike
+            shape["scored_epochs"] = sorted(scored_epochs)
         run_id = fingerprint(
             {**params, "train": {**train, **shape}},
             array_digest(train_split.images, train_split.labels, data.val.images, data.val.labels),

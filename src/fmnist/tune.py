@@ -181,7 +181,9 @@ def budget_line(params: dict[str, Any], train_size: int, full_train_size: int,
     confirm = tune["confirm"]
     confirm_runs = (confirm["candidates"] + 1) * confirm["seeds"] if confirm["candidates"] else 0
     trials = target_trials(tune)
-    pruning = "no pruning" if tune["pruner"] == "none" else "pruning stops most of them early"
+    # no epoch to judge before the last (e.g. a warm-up as long as the horizon): no pruning
+    pruning = ("pruning stops most of them early" if scored_epochs(params)
+               else "no pruning")
     total = trials * run_cost(trial_scores) + confirm_runs * run_cost(1)
     return (f"tune: budget: {trials} trials of up to {epochs} epochs on "
             f"{train_size:,} images ({pruning}) + {confirm_runs} confirmation runs: about "
@@ -280,7 +282,7 @@ def first_rung(params: dict[str, Any]) -> int:
     """Epoch of the pruner's first rung: the end of the one-cycle warm-up (epoch 1 for other
     schedules). Before the peak the ranking is one of warm-up speed, not of where a trial ends:
     in the study-grade search every trial with lr <= 0.04 trailed every trial with lr >= 0.1
-    after epoch 1 of 16, and successive halving stopped all of them there."""
+    after epoch 1 of 16, and successive halving stopped all of them there but the first."""
     schedule = params["train"]["schedule"]
     epochs = horizon(params)
     if schedule["name"] != "onecycle":
@@ -343,7 +345,8 @@ def _counts(trials: Sequence[FrozenTrial]) -> dict[TrialState, int]:
 
 
 class Objective:
-    """One trial: fit with the trial's values, report val accuracy per epoch, prune if hopeless."""
+    """One trial: fit with the trial's values, report val accuracy where the pruner looks,
+    prune if hopeless."""
 
     def __init__(self, data: Prepared, params: dict[str, Any], target: int, threads: int | None,
                  scored: list[int] | None):

@@ -211,8 +211,9 @@ def report_markdown(study: optuna.Study, params: dict[str, Any], metrics: dict[s
 
 
 def rung_note(params: dict[str, Any]) -> str:
-    """" (rungs at epochs 4, 12)" for successive halving, else nothing."""
-    if params["tune"]["pruner"] != "successive_halving" or not rungs(params):
+    """" (rungs at epochs 4, 12)" for successive halving and hyperband (its brackets' rungs
+    are among these), else nothing."""
+    if params["tune"]["pruner"] not in ("successive_halving", "hyperband") or not rungs(params):
         return ""
     return " (rungs at epochs " + ", ".join(str(r) for r in rungs(params)) + ")"
 
