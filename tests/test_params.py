@@ -130,6 +130,22 @@ def test_missing_section_is_named(tmp_path: Path) -> None:
     _assert_rejected(tmp_path, "model: missing")
 
 
+def test_an_experiment_override_changes_one_line_of_params_yaml(tmp_path: Path) -> None:
+    """`dvc exp run -S train.rho=0.1` rewrites params.yaml with DVC's own YAML writer: the
+    file is kept in that writer's layout, so the experiment's diff is the value it set."""
+    from dvc.utils.serialize import modify_yaml
+
+    copy_path = tmp_path / "params.yaml"
+    copy_path.write_text(BASE_TEXT, encoding="utf-8")
+    with modify_yaml(copy_path) as data:
+        data["train"]["rho"] = 0.1
+    changed = [(old, new) for old, new in zip(BASE_TEXT.splitlines(),
+                                              copy_path.read_text(encoding="utf-8").splitlines())
+               if old != new]
+    assert changed == [("  rho: 0.05", "  rho: 0.1")]
+    assert len(copy_path.read_text(encoding="utf-8").splitlines()) == len(BASE_TEXT.splitlines())
+
+
 def test_cross_field_rule_is_named(tmp_path: Path) -> None:
     params = _with("train.momentum", 0)
     params["train"]["nesterov"] = True
