@@ -14,8 +14,11 @@ from fmnist import allocator
 
 # A fresh process runs training steps of the project's model and counts the minor page faults
 # of each timed step (glibc's thresholds are process-wide and adapt as blocks are freed). The
-# median step is compared: a one-off spike (a thread pool growing, the VM's own paging) is not
-# what the allocator setting is about.
+# default's typical (median) step is the reference. With the thresholds kept, most steps must
+# stay far below it: a spike or two (a block re-faulted after warm-up, the VM's own paging) is
+# not what the setting is about, but a partial regression is: with the mmap threshold pinned and
+# the trim threshold left at glibc's default, 5 or more of the 9 steps page-fault (measured).
+QUIET_STEPS_KEPT = 6
 FAULTS_PROBE = """
 import json, resource, sys
 import torch
@@ -34,18 +37,18 @@ def step():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-for _ in range(3):
+for _ in range(8):
     step()
 faults = []
 for _ in range(9):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": applied, "faults_per_step": sorted(faults)[len(faults) // 2]}))
+print(json.dumps({"applied": applied, "faults": sorted(faults)}))
 """
 
 
-def probe(mode: str) -> dict[str, float]:
+def probe(mode: str) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items()
            if k not in (allocator.PRELOAD_VARIABLE, allocator.TUNABLES_VARIABLE,
                         *allocator.USER_SETTINGS)}
@@ -57,14 +60,15 @@ def probe(mode: str) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != allocator.GLIBC, reason="glibc's mallopt only")
 def test_training_steps_stop_page_faulting_their_activations() -> None:
-    default = probe("default")
-    if default["faults_per_step"] < 500:
-        pytest.skip(f"this glibc keeps freed blocks already ({default['faults_per_step']:.0f} "
-                    "faults per step)")
+    default = probe("default")["faults"]
+    typical = default[len(default) // 2]
+    if typical < 500:
+        pytest.skip(f"this glibc keeps freed blocks already ({typical} faults per step)")
     kept = probe("kept")
     assert kept["applied"] is True
     # a step's activations are a few MB: ~1,000+ pages faulted in again by default
-    assert kept["faults_per_step"] < default["faults_per_step"] / 10
+    quiet = [faults for faults in kept["faults"] if faults < typical / 10]
+    assert len(quiet) >= QUIET_STEPS_KEPT, (kept["faults"], default)
 
 
 def test_off_glibc_nothing_is_changed(monkeypatch: pytest.MonkeyPatch) -> None:
