@@ -139,11 +139,11 @@ def test_an_experiment_override_changes_one_line_of_params_yaml(tmp_path: Path) 
     copy_path.write_text(BASE_TEXT, encoding="utf-8")
     with modify_yaml(copy_path) as data:
         data["train"]["rho"] = 0.1
-    changed = [(old, new) for old, new in zip(BASE_TEXT.splitlines(),
-                                              copy_path.read_text(encoding="utf-8").splitlines())
+    after = copy_path.read_text(encoding="utf-8").splitlines()
+    assert len(after) == len(BASE_TEXT.splitlines())
+    changed = [(old, new) for old, new in zip(BASE_TEXT.splitlines(), after, strict=True)
                if old != new]
     assert changed == [("  rho: 0.05", "  rho: 0.1")]
-    assert len(copy_path.read_text(encoding="utf-8").splitlines()) == len(BASE_TEXT.splitlines())
 
 
 def test_cross_field_rule_is_named(tmp_path: Path) -> None:
