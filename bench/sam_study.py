@@ -135,6 +135,9 @@ PAIRS = (
     ("SAM − SGD, equal compute, clean labels", "sam", "sgd-compute"),
     ("SAM − SGD, 20% label noise", "sam-noise20", "sgd-noise20"),
     ("SAM − SGD, 40% label noise", "sam-noise40", "sgd-noise40"),
+    *((f"SAM rho {rho:g} − SGD, equal epochs, clean labels", f"rho-{rho:g}", "sgd")
+      for rho in RHOS),
+    ("ASAM rho 1.0 − SGD, equal epochs, clean labels", "asam", "sgd"),
 )
 
 
@@ -742,7 +745,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pairs = []
         for label, a, b in PAIRS:
             diffs = {metric: paired(members, a, b, metric) for metric, _ in METRICS}
-            if diffs["accuracy"]:
+            # a row copied from another (rho-0.05 from sam) would repeat that pair's numbers
+            if diffs["accuracy"] and all(p["diffs"] != diffs for p in pairs):
                 pairs.append({"label": label, "a": a, "b": b, "n": len(diffs["accuracy"]),
                               "diffs": diffs,
                               "intervals": {m: t_interval(d) for m, d in diffs.items()}})
@@ -877,9 +881,11 @@ def figure(summary: list[dict[str, Any]], path: Path) -> None:
                                   color="black", capsize=4)
         ax_pairs.axvline(0, color="grey", lw=1)
         ax_pairs.set_yticks(range(len(group["pairs"])),
-                            [p["label"].removeprefix("SAM − SGD, ") for p in group["pairs"]])
+                            [p["label"].removeprefix("SAM − SGD, ")
+                             .removesuffix(", equal epochs, clean labels")
+                             for p in group["pairs"]])
         ax_pairs.invert_yaxis()
-        ax_pairs.set(xlabel="SAM − SGD test accuracy (points)",
+        ax_pairs.set(xlabel="SAM (or a variant) − SGD test accuracy (points)",
                      title="paired by seed: mean and 95% t interval")
         where = f"{group['cpu_class']}, {group['dtype']}, {group['model'].split(',')[0]}: "
         for ax in (ax_rows, ax_rho, ax_pairs):
