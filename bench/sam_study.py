@@ -832,6 +832,14 @@ def markdown(summary: list[dict[str, Any]], source: str = "sam_study.json") -> s
     return "\n".join(lines) + "\n"
 
 
+def sweep_points(runs: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(rho, test accuracy %) of the clean SAM runs, each run once: a row copied from another
+    (rho-0.05 from sam, `same_run_as`) would draw its seeds twice."""
+    return sorted((m["params"]["train"]["rho"], 100 * m["test"]["accuracy"]) for m in runs
+                  if (m["row"].startswith("rho-") or m["row"] == "sam")
+                  and not m.get("same_run_as"))
+
+
 def figure(summary: list[dict[str, Any]], path: Path) -> None:
     """Per CPU class and dtype: accuracy per row (seeds as dots), the rho sweep, and the paired
     differences with their intervals."""
@@ -853,8 +861,7 @@ def figure(summary: list[dict[str, Any]], path: Path) -> None:
         ax_rows.set_yticks(range(len(names)), names)
         ax_rows.invert_yaxis()
         ax_rows.set(xlabel="test accuracy (%)", title="per row: seeds and mean ± std")
-        sweep = sorted((m["params"]["train"]["rho"], 100 * m["test"]["accuracy"]) for m in mine
-                       if m["row"].startswith("rho-") or m["row"] == "sam")
+        sweep = sweep_points(mine)
         if sweep:
             ax_rho.plot(*zip(*sweep, strict=True), "o", color="tab:blue", alpha=0.5,
                         label="SAM (seeds)")

@@ -280,6 +280,15 @@ def test_sweep_rows_are_paired_with_sgd_once(base: dict[str, Any]) -> None:
     assert "| 1 | -1.00 (1 seed, no interval) |" in line
 
 
+def test_the_rho_sweep_draws_a_copied_run_once(base: dict[str, Any]) -> None:
+    runs = _three_seed_runs(base)
+    runs += [{**r, "row": "rho-0.05", "same_run_as": "sam"} for r in runs if r["row"] == "sam"]
+    points = study.sweep_points(runs)
+    sam_rho = base["train"]["rho"]
+    assert sorted(a for rho, a in points if rho == sam_rho) == pytest.approx([93.0, 94.0, 95.0])
+    assert [a for rho, a in points if rho == 0.2] == pytest.approx([91.0])
+
+
 def test_markdown_of_no_runs_says_so() -> None:
     assert "No runs yet." in study.markdown([])
 
