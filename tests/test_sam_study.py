@@ -271,7 +271,7 @@ def test_markdown_shows_rows_pairs_and_the_machine(base: dict[str, Any]) -> None
 def test_sweep_rows_are_paired_with_sgd_once(base: dict[str, Any]) -> None:
     runs = _three_seed_runs(base)
     # rho-0.05 as the study stores it: sam's runs copied under another name (same params)
-    runs += [{**r, "row": "rho-0.05"} for r in runs if r["row"] == "sam"]
+    runs += [{**r, "row": "rho-0.05", "same_run_as": "sam"} for r in runs if r["row"] == "sam"]
     labels = [p["label"] for p in study.summarize(runs)[0]["pairs"]]
     assert "SAM rho 0.2 − SGD, equal epochs, clean labels" in labels
     assert not any("rho 0.05" in label for label in labels)  # same numbers as SAM − SGD
