@@ -893,7 +893,7 @@ def figure(summary: list[dict[str, Any]], path: Path) -> None:
                              for p in group["pairs"]])
         ax_pairs.invert_yaxis()
         ax_pairs.set(xlabel="SAM (or a variant) − SGD test accuracy (points)",
-                     title="paired by seed: mean and 95% t interval")
+                     title="paired by seed: mean, 95% t CI")
         where = f"{group['cpu_class']}, {group['dtype']}, {group['model'].split(',')[0]}: "
         for ax in (ax_rows, ax_rho, ax_pairs):
             ax.set_title(where + ax.get_title(), fontsize=10)
