@@ -18,7 +18,10 @@ once into `bench/results/sam_study.json`, keyed by row, seed, CPU class, dtype, 
 model (a study rerun for a new default model adds its runs beside the old model's). A
 rerun skips what the JSON holds (local experiment refs need not survive), unless the params the
 run recorded no longer match what the row asks for now (then it is stale and runs again).
-Rows whose params coincide (SAM and rho 0.05) share one experiment.
+Rows whose params coincide (SAM and rho 0.05) share one experiment. Each run also keeps its
+plain-epoch speed (the images/s of its epochs without a SAM step, from dvclive's per-epoch
+file), the machine's speed on the day: runs recorded before it was kept get it from their
+experiment commit where this clone still has one.
 
 The seed also draws the train/validation split and the label noise, so SAM and SGD are compared
 per seed: the table's intervals are paired t intervals over seeds.
@@ -79,6 +82,8 @@ SMOKE = {"preprocess.train_subset": 1000, "train.epochs": 1, "evaluate.flip_tta"
 RELEVANT = ("seed", "preprocess", "model", "train", "evaluate")
 IGNORED = {"train.threads", "evaluate.batch_size"}
 METRICS = (("accuracy", "test accuracy"), ("f1_macro", "macro F1"), ("ece", "ECE"))
+# dvclive's per-epoch training speed, in every experiment commit: the machine's speed probe.
+SPEED_TSV = "reports/train/plots/metrics/timing/images_per_s.tsv"
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -453,15 +458,16 @@ class Experiments:
                 found[parts[4]] = (sha, parts[2] + parts[3])
         return found
 
-    def files(self, rev: str) -> dict[str, Any]:
-        def show(path: str) -> str | None:
-            proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.root,
-                                  capture_output=True, text=True)
-            return proc.stdout if proc.returncode == 0 else None
+    def show(self, rev: str, path: str) -> str | None:
+        """`path` as commit `rev` holds it; None if either is gone."""
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.root,
+                              capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else None
 
-        out: dict[str, Any] = {}
+    def files(self, rev: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"train_speed": self.show(rev, SPEED_TSV)}
         for key, path in EXPERIMENT_FILES.items():
-            text = show(path)
+            text = self.show(rev, path)
             if text is None:
                 if key in ("evaluate", "train_timing", "params"):
                     raise FmnistError(f"experiment {rev[:7]}: no {path}")
@@ -508,6 +514,43 @@ def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
     return tasks, workers
 
 
+def plain_images_per_s(tsv: str | None, train: dict[str, Any]) -> float | None:
+    """Median images/s of the epochs wholly before the SAM phase (every epoch of SGD): the
+    same work in every row, so it tells a run made on a slow day from a dear recipe."""
+    if not tsv:
+        return None
+    speeds = {}
+    for line in tsv.strip().splitlines()[1:]:  # header: step, images_per_s
+        step, value = line.split("\t")
+        speeds[int(step)] = float(value)
+    plain = (math.floor(train["sam_start"] * train["epochs"] + 1e-9)
+             if train["optimizer"] == "sam" else train["epochs"])
+    values = [v for step, v in speeds.items() if step < plain]
+    return statistics.median(values) if values else None
+
+
+def fill_speeds(runs: list[dict[str, Any]], show: Callable[[str, str], str | None]) -> int:
+    """Give the runs recorded without `plain_images_per_s` their speed, where this clone still
+    holds their experiment commit; the number filled."""
+    filled = 0
+    for run in runs:
+        if run.get("plain_images_per_s") is not None or not run.get("exp_rev"):
+            continue
+        speed = plain_images_per_s(show(run["exp_rev"], SPEED_TSV), run["params"]["train"])
+        if speed is not None:
+            run["plain_images_per_s"] = speed
+            filled += 1
+    return filled
+
+
+def run_speed(run: dict[str, Any]) -> float | None:
+    """The run's plain-epoch speed; for SGD runs recorded without it, the mean speed (every
+    SGD epoch is plain)."""
+    if run.get("plain_images_per_s") is not None:
+        return run["plain_images_per_s"]
+    return run["images_per_s"] if run["params"]["train"]["optimizer"] == "sgd" else None
+
+
 def entry_from_files(files: dict[str, Any], job: Job, *, rev: str, baseline: str,
                      dirty: bool, wall_seconds: float | None) -> dict[str, Any]:
     """One experiment's record: its key (as the run measured it), test metrics, timing,
@@ -528,6 +571,7 @@ def entry_from_files(files: dict[str, Any], job: Job, *, rev: str, baseline: str
         "val_acc": files.get("train_metrics", {}).get("val_acc"),
         "train_seconds": timing["train_seconds"],
         "images_per_s": timing["images_per_s"],
+        "plain_images_per_s": plain_images_per_s(files.get("train_speed"), params["train"]),
         "wall_seconds": wall_seconds,
         "passes": passes(params["train"]),
         "overrides": job.overrides,
@@ -735,12 +779,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     stats[metric] = (statistics.fmean(values),
                                      statistics.stdev(values) if len(values) > 1 else None)
             train = mine[-1]["params"]["train"]
+            speeds = [s for s in map(run_speed, mine) if s is not None]
             rows.append({
                 "row": name, "seeds": [m["seed"] for m in mine], "stats": stats,
                 "description": ROWS[name].description if name in ROWS else name,
                 "setting": setting(mine[-1]["params"]),
                 "epochs": train["epochs"], "passes": mine[-1]["passes"],
                 "train_seconds": statistics.fmean(m["train_seconds"] for m in mine),
+                "plain_speed": (statistics.fmean(speeds), len(speeds)) if speeds else None,
             })
         pairs = []
         for label, a, b in PAIRS:
@@ -785,6 +831,13 @@ def _points(interval: tuple[float, float, float] | None, diffs: list[float]) -> 
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def _speed(row: dict[str, Any], seeds: int) -> str:
+    if row["plain_speed"] is None:
+        return "n/a"
+    mean, known = row["plain_speed"]
+    return f"{mean:,.0f}" + (f" ({known} of {seeds})" if known < seeds else "")
+
+
 def markdown(summary: list[dict[str, Any]], source: str = "sam_study.json") -> str:
     lines = [
         "# SAM study",
@@ -796,7 +849,12 @@ def markdown(summary: list[dict[str, Any]], source: str = "sam_study.json") -> s
         "over seeds. The seed also draws the train/validation split and the label noise, so "
         "SAM and SGD are compared per seed: Δ is SAM − SGD in percentage points, the mean "
         "over seeds with a two-sided 95% t interval (paired). Lower ECE is better. Passes: "
-        "forward/backward passes over the training split in epochs (a SAM step costs two).",
+        "forward/backward passes over the training split in epochs (a SAM step costs two). "
+        "Plain img/s: the training speed of the epochs without a SAM step, the same work in "
+        "every row, so it measures the machine on the day (this VM's speed varies between "
+        "sessions): compare train seconds only between rows of similar plain speed. The mean "
+        "over the seeds whose per-epoch speeds are still known (k of n otherwise); for SGD, "
+        "the run's mean speed where they are not.",
     ]
     for group in summary:
         threads = ", ".join(str(t) for t in group["threads"])
@@ -808,14 +866,14 @@ def markdown(summary: list[dict[str, Any]], source: str = "sam_study.json") -> s
             f"Code: {', '.join(group['baselines']) or 'unknown'}.",
             "",
             "| row | what | run as | seeds | passes (epochs) | test accuracy | macro F1 | ECE "
-            "| train s |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "| train s | plain img/s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in group["rows"]:
             cells = [_pct(*r["stats"][m]) if m in r["stats"] else "n/a" for m, _ in METRICS]
             lines.append(f"| {r['row']} | {r['description']} | {r['setting']} "
                          f"| {len(r['seeds'])} | {r['passes']:g} | {' | '.join(cells)} "
-                         f"| {r['train_seconds']:,.0f} |")
+                         f"| {r['train_seconds']:,.0f} | {_speed(r, len(r['seeds']))} |")
         if group["pairs"]:
             lines += [
                 "",
@@ -981,6 +1039,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     runs = load_runs(args.json, "sam_study")
+    filled = fill_speeds(runs, Experiments(ROOT).show)
+    if filled and not args.dry_run:
+        write_json(args.json, {"runs": runs})
+        print(f"sam_study: plain-epoch speed of {filled} earlier run(s) read from their "
+              "experiment commits", file=sys.stderr)
     if args.summarize_only:
         print(report(runs, args.json, args.markdown, args.figure))
         return 0

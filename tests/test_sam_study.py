@@ -289,6 +289,60 @@ def test_the_rho_sweep_draws_a_copied_run_once(base: dict[str, Any]) -> None:
     assert [a for rho, a in points if rho == 0.2] == pytest.approx([91.0])
 
 
+def _speed_tsv(plain: list[float], sam: list[float]) -> str:
+    lines = ["step\timages_per_s"] + [f"{i}\t{v}" for i, v in enumerate(plain + sam)]
+    return "\n".join(lines) + "\n"
+
+
+def test_plain_speed_is_the_median_of_the_epochs_before_the_sam_phase(
+    base: dict[str, Any]
+) -> None:
+    # 12 plain epochs (sam_start 0.75 of 16), then 4 at SAM's half speed
+    tsv = _speed_tsv([1000.0] * 6 + [2000.0] * 5 + [1900.0], [500.0] * 4)
+    assert study.plain_images_per_s(tsv, base["train"]) == pytest.approx(1450.0)
+    sgd = {**base["train"], "optimizer": "sgd"}  # every epoch is plain
+    assert study.plain_images_per_s(tsv, sgd) == pytest.approx(1000.0)
+    from_start = {**base["train"], "sam_start": 0.0}
+    assert study.plain_images_per_s(tsv, from_start) is None
+    assert study.plain_images_per_s(None, base["train"]) is None
+
+
+def test_fill_speeds_reads_the_experiment_commits_of_runs_without_one(
+    base: dict[str, Any]
+) -> None:
+    runs = _three_seed_runs(base)
+    sam = [r for r in runs if r["row"] == "sam"]
+    sam[0]["exp_rev"], sam[1]["exp_rev"] = "kept", "gone"
+    sam[2]["plain_images_per_s"] = 1234.0
+    asked = []
+
+    def show(rev: str, path: str) -> str | None:
+        asked.append(rev)
+        assert path == study.SPEED_TSV
+        return _speed_tsv([1800.0] * 12, [900.0] * 4) if rev == "kept" else None
+
+    for r in runs:
+        if r["row"] != "sam":
+            r["exp_rev"] = "gone"
+    assert study.fill_speeds(runs, show) == 1
+    assert [r.get("plain_images_per_s") for r in sam] == [1800.0, None, 1234.0]
+    assert "kept" in asked and len(asked) == len(runs) - 1  # a run with its speed: not read
+
+
+def test_markdown_shows_the_plain_speed_and_how_many_seeds_it_covers(
+    base: dict[str, Any]
+) -> None:
+    runs = _three_seed_runs(base)
+    sam = [r for r in runs if r["row"] == "sam"]
+    sam[0]["plain_images_per_s"], sam[1]["plain_images_per_s"] = 1800.0, 1000.0
+    rows = {line.split("|")[1].strip(): line
+            for line in study.markdown(study.summarize(runs)).splitlines()
+            if line.startswith("| ")}
+    assert rows["sam"].endswith("| 1,400 (2 of 3) |")
+    assert rows["sgd"].endswith("| 3,000 |")  # SGD: the mean speed stands in
+    assert rows["rho-0.2"].endswith("| n/a |")
+
+
 def test_markdown_of_no_runs_says_so() -> None:
     assert "No runs yet." in study.markdown([])
 
