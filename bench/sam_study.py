@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import io
 import json
 import math
 import os
@@ -460,8 +462,11 @@ class Experiments:
 
     def show(self, rev: str, path: str) -> str | None:
         """`path` as commit `rev` holds it; None if either is gone."""
-        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.root,
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.root,
+                                  capture_output=True, text=True)
+        except OSError:  # no git: the study's JSON alone still summarizes
+            return None
         return proc.stdout if proc.returncode == 0 else None
 
     def files(self, rev: str) -> dict[str, Any]:
@@ -519,10 +524,11 @@ def plain_images_per_s(tsv: str | None, train: dict[str, Any]) -> float | None:
     same work in every row, so it tells a run made on a slow day from a dear recipe."""
     if not tsv:
         return None
-    speeds = {}
-    for line in tsv.strip().splitlines()[1:]:  # header: step, images_per_s
-        step, value = line.split("\t")
-        speeds[int(step)] = float(value)
+    try:
+        table = list(csv.DictReader(io.StringIO(tsv), delimiter="\t"))
+        speeds = {int(row["step"]): float(row["images_per_s"]) for row in table}
+    except (KeyError, TypeError, ValueError):  # not dvclive's step/images_per_s table
+        return None
     plain = (math.floor(train["sam_start"] * train["epochs"] + 1e-9)
              if train["optimizer"] == "sam" else train["epochs"])
     values = [v for step, v in speeds.items() if step < plain]

@@ -305,6 +305,20 @@ def test_plain_speed_is_the_median_of_the_epochs_before_the_sam_phase(
     from_start = {**base["train"], "sam_start": 0.0}
     assert study.plain_images_per_s(tsv, from_start) is None
     assert study.plain_images_per_s(None, base["train"]) is None
+    with_time = "timestamp\tstep\timages_per_s\n1.5\t0\t900.0\n"  # column order: by name
+    assert study.plain_images_per_s(with_time, sgd) == pytest.approx(900.0)
+    assert study.plain_images_per_s("not\ta speed file\nx\ty\n", sgd) is None
+
+
+def test_a_recorded_run_keeps_its_plain_speed(base: dict[str, Any]) -> None:
+    [job] = study.make_plan(base, ["sam"], {"sam": [0]}, here, []).jobs
+    files = {"evaluate": {"accuracy": 0.9}, "train_timing": {"train_seconds": 1.0,
+                                                              "images_per_s": 1.0},
+             "train_run": {"machine": dict(HERE)}, "params": job.params,
+             "train_speed": _speed_tsv([1800.0] * 12, [900.0] * 4)}
+    entry = study.entry_from_files(files, job, rev="ab" * 20, baseline="cd" * 20,
+                                   dirty=False, wall_seconds=None)
+    assert entry["plain_images_per_s"] == pytest.approx(1800.0)
 
 
 def test_fill_speeds_reads_the_experiment_commits_of_runs_without_one(
