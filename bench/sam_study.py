@@ -795,10 +795,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "plain_speed": (statistics.fmean(speeds), len(speeds)) if speeds else None,
             })
         pairs = []
+        # a row copied from another (rho-0.05 from sam) would repeat that row's pair
+        originals = [m for m in members if not m.get("same_run_as")]
         for label, a, b in PAIRS:
-            diffs = {metric: paired(members, a, b, metric) for metric, _ in METRICS}
-            # a row copied from another (rho-0.05 from sam) would repeat that pair's numbers
-            if diffs["accuracy"] and all(p["diffs"] != diffs for p in pairs):
+            diffs = {metric: paired(originals, a, b, metric) for metric, _ in METRICS}
+            if diffs["accuracy"]:
                 pairs.append({"label": label, "a": a, "b": b, "n": len(diffs["accuracy"]),
                               "diffs": diffs,
                               "intervals": {m: t_interval(d) for m, d in diffs.items()}})
