@@ -100,6 +100,8 @@ RECIPES = {
                        "quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), **CROP_2}),
     "late-n16": Recipe("16/32/64/128 x2 (4 blocks), flips only (no crops), 16 epochs, SAM in the "
                        "last quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), **FLIP_ONLY}),
+    "late-n20": Recipe("16/32/64/128 x2 (4 blocks), flips only (no crops), 20 epochs, SAM in the "
+                       "last quarter, EMA", SMALL_DEEP, {**_late(20, 0.75), **FLIP_ONLY}),
     "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
                        WIDE_SHALLOW, _late(12)),
     "late-c10": Recipe("24/48/96 x2, 10 epochs, SAM in the second half, EMA", MEDIUM, _late(10)),
