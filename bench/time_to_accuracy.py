@@ -61,6 +61,8 @@ LARGE = {"channels": [32, 64, 128], "convs_per_block": 2}
 SMALL_DEEP = {"channels": [16, 32, 64, 128], "convs_per_block": 2}
 SMALL_DEEP_CEIL = {**SMALL_DEEP, "pool_ceil_mode": True}
 WIDE_TAIL = {"channels": [16, 32, 96, 192], "convs_per_block": 2}
+WIDE_MIDDLE = {"channels": [16, 48, 96, 192], "convs_per_block": 2}
+LARGE_DEEP = {"channels": [32, 64, 128, 256], "convs_per_block": 2}
 CROP_2 = {"augment": {"flip": True, "crop_padding": 2}}
 FLIP_ONLY = {"augment": {"flip": True, "crop_padding": 0}}
 
@@ -102,6 +104,10 @@ RECIPES = {
                        "last quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), **FLIP_ONLY}),
     "late-n20": Recipe("16/32/64/128 x2 (4 blocks), flips only (no crops), 20 epochs, SAM in the "
                        "last quarter, EMA", SMALL_DEEP, {**_late(20, 0.75), **FLIP_ONLY}),
+    "late-j16": Recipe("16/48/96/192 x2 (4 blocks, wider from 14x14 on), 16 epochs, SAM in the "
+                       "last quarter, EMA", WIDE_MIDDLE, _late(16, 0.75)),
+    "late-h16": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 16 epochs, SAM "
+                       "in the last quarter, EMA", LARGE_DEEP, _late(16, 0.75)),
     "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
                        WIDE_SHALLOW, _late(12)),
     "late-c10": Recipe("24/48/96 x2, 10 epochs, SAM in the second half, EMA", MEDIUM, _late(10)),
