@@ -62,6 +62,7 @@ SMALL_DEEP = {"channels": [16, 32, 64, 128], "convs_per_block": 2}
 SMALL_DEEP_CEIL = {**SMALL_DEEP, "pool_ceil_mode": True}
 WIDE_TAIL = {"channels": [16, 32, 96, 192], "convs_per_block": 2}
 WIDE_MIDDLE = {"channels": [16, 48, 96, 192], "convs_per_block": 2}
+WIDE_HEAD = {"channels": [32, 32, 64, 128], "convs_per_block": 2}
 LARGE_DEEP = {"channels": [32, 64, 128, 256], "convs_per_block": 2}
 CROP_2 = {"augment": {"flip": True, "crop_padding": 2}}
 FLIP_ONLY = {"augment": {"flip": True, "crop_padding": 0}}
@@ -106,6 +107,8 @@ RECIPES = {
                        "last quarter, EMA", SMALL_DEEP, {**_late(20, 0.75), **FLIP_ONLY}),
     "late-j16": Recipe("16/48/96/192 x2 (4 blocks, wider from 14x14 on), 16 epochs, SAM in the "
                        "last quarter, EMA", WIDE_MIDDLE, _late(16, 0.75)),
+    "late-m16": Recipe("32/32/64/128 x2 (4 blocks, wider at 28x28), 16 epochs, SAM in the last "
+                       "quarter, EMA", WIDE_HEAD, _late(16, 0.75)),
     "late-h16": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 16 epochs, SAM "
                        "in the last quarter, EMA", LARGE_DEEP, _late(16, 0.75)),
     "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
