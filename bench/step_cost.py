@@ -1,0 +1,115 @@
+"""Step cost of candidate model widths, relative to params.yaml's model, on this CPU.
+
+Run from the repository root:
+
+    python bench/step_cost.py --channels 16/32/64/128,32/64/128/256
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python bench/step_cost.py --channels ...          # this machine as an AVX2-only CPU
+
+Why: a time-to-accuracy run costs minutes; what a wider model would cost on the *other* CPU
+class (float32 on AVX2 against bf16 with AMX or avx512_bf16) is a ratio of step times, and the
+ratio, unlike the seconds, carries from one machine of a class to another. Each model runs a
+plain SGD training step (forward, loss, backward, update; SAM's step is two of them) on a batch
+of random images in the dtype `ipex.dtype: auto` picks here, channels_last, with glibc's malloc
+keeping freed memory as training does; the median of timed windows after a warm-up is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmnist.accel import autocast, cpu_class, dtype_name, select_backend
+from fmnist.allocator import keep_freed_memory
+from fmnist.constants import IMAGE_SIZE
+from fmnist.model import build_model
+from fmnist.params import load_params
+from fmnist.reproducibility import configure_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from time_to_accuracy import isa_limit  # noqa: E402  (bench scripts share one definition)
+
+
+def parse_channels(text: str) -> list[list[int]]:
+    try:
+        return [[int(c) for c in model.split("/")] for model in text.split(",") if model]
+    except ValueError:
+        raise SystemExit(
+            f"step_cost: --channels: expected e.g. 16/32/64,32/64/128, got {text!r}"
+        ) from None
+
+
+def seconds_per_step(model_params: dict[str, Any], backend: Any, batch: int,
+                     warmup: int, windows: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(model_params).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    images = (torch.rand(batch, 1, IMAGE_SIZE, IMAGE_SIZE) * 255).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(backend):
+            loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--channels", required=True,
+                        help="comma-separated models, each its block widths joined by '/'")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    args = parser.parse_args(argv)
+    params = load_params(ROOT / "params.yaml")
+    configure_torch(args.threads)
+    keep_freed_memory()
+    backend = select_backend({**params["ipex"], "enabled": False}, params["train"]["device"])
+    batch = params["train"]["batch_size"]
+    default = [int(c) for c in params["model"]["channels"]]
+    models = parse_channels(args.channels)
+    if default not in models:
+        models.insert(0, default)
+    limit = isa_limit()
+    print(f"CPU class {cpu_class()}{' (' + limit + ')' if limit else ''}, "
+          f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}: "
+          "plain SGD step, median of windows\n")
+    print("| channels | ms per step | images/s | x params.yaml's model |")
+    print("|---|---:|---:|---:|")
+    base = None
+    for channels in models:
+        seconds = seconds_per_step({**params["model"], "channels": channels}, backend, batch,
+                                   args.warmup, args.windows, args.steps)
+        base = seconds if channels == default else base
+        ratio = f"{seconds / base:.2f}" if base else "-"
+        mark = " (params.yaml)" if channels == default else ""
+        print(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
+              f"{batch / seconds:,.0f} | {ratio} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
