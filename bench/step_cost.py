@@ -10,8 +10,10 @@ Why: a time-to-accuracy run costs minutes; what a wider model would cost on the 
 class (float32 on AVX2 against bf16 with AMX or avx512_bf16) is a ratio of step times, and the
 ratio, unlike the seconds, carries from one machine of a class to another. Each model runs a
 plain SGD training step (forward, loss, backward, update; SAM's step is two of them) on a batch
-of random images in the dtype `ipex.dtype: auto` picks here, channels_last, with glibc's malloc
-keeping freed memory as training does; the median of timed windows after a warm-up is reported.
+of random images in the dtype params.yaml's `ipex.dtype` picks here (native backend, no IPEX),
+channels_last, with glibc's malloc keeping freed memory as training does (the header says when
+it could not); the median of timed windows after a warm-up is reported, params.yaml's model
+first.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ from time_to_accuracy import isa_limit  # noqa: E402  (bench scripts share one d
 
 
 def parse_channels(text: str) -> list[list[int]]:
+    error = SystemExit(f"step_cost: --channels: expected e.g. 16/32/64,32/64/128, got {text!r}")
     try:
-        return [[int(c) for c in model.split("/")] for model in text.split(",") if model]
+        models = [[int(c) for c in model.split("/")] for model in text.split(",") if model]
     except ValueError:
-        raise SystemExit(
-            f"step_cost: --channels: expected e.g. 16/32/64,32/64/128, got {text!r}"
-        ) from None
+        raise error from None
+    if not models or any(c < 1 for model in models for c in model):
+        raise error
+    return models
 
 
 def seconds_per_step(model_params: dict[str, Any], backend: Any, batch: int,
@@ -79,35 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", required=True,
                         help="comma-separated models, each its block widths joined by '/'")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads, as time_to_accuracy.py runs (0: torch default)")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
     args = parser.parse_args(argv)
     params = load_params(ROOT / "params.yaml")
     configure_torch(args.threads)
-    keep_freed_memory()
+    kept = keep_freed_memory()
     backend = select_backend({**params["ipex"], "enabled": False}, params["train"]["device"])
     batch = params["train"]["batch_size"]
     default = [int(c) for c in params["model"]["channels"]]
-    models = parse_channels(args.channels)
-    if default not in models:
-        models.insert(0, default)
+    requested = [m for m in parse_channels(args.channels) if m != default]
+    models = [default, *[list(m) for m in dict.fromkeys(map(tuple, requested))]]
     limit = isa_limit()
+    malloc = "glibc malloc keeps freed memory" if kept else "malloc as it is (not glibc's, or set)"
     print(f"CPU class {cpu_class()}{' (' + limit + ')' if limit else ''}, "
-          f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}: "
-          "plain SGD step, median of windows\n")
+          f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}, "
+          f"{malloc}: plain SGD step, median of windows\n")
     print("| channels | ms per step | images/s | x params.yaml's model |")
     print("|---|---:|---:|---:|")
-    base = None
+    base = 0.0
     for channels in models:
         seconds = seconds_per_step({**params["model"], "channels": channels}, backend, batch,
                                    args.warmup, args.windows, args.steps)
-        base = seconds if channels == default else base
-        ratio = f"{seconds / base:.2f}" if base else "-"
+        base = base or seconds  # the default runs first
         mark = " (params.yaml)" if channels == default else ""
         print(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
-              f"{batch / seconds:,.0f} | {ratio} |", flush=True)
+              f"{batch / seconds:,.0f} | {seconds / base:.2f} |", flush=True)
     return 0
 
 

@@ -1,22 +1,24 @@
-"""bench/step_cost.py: times real training steps of params.yaml's model and the asked-for widths
-and reports each against params.yaml's; a malformed width list is a one-line error."""
+"""bench/step_cost.py: params.yaml's model is timed first and every other width is reported
+against it; the timer trains real steps; a malformed width list is a one-line error."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fmnist.accel import select_backend
 from fmnist.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
+PARAMS = load_params(REPO / "params.yaml")
+DEFAULT = [int(c) for c in PARAMS["model"]["channels"]]
 
 
 def _load_bench() -> Any:
-    sys.path.insert(0, str(REPO / "bench"))
+    # the script puts bench/ on sys.path itself, for the helpers it shares with time_to_accuracy
     spec = importlib.util.spec_from_file_location("step_cost", REPO / "bench" / "step_cost.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -26,17 +28,41 @@ def _load_bench() -> Any:
 step_cost = _load_bench()
 
 
-def test_reports_each_width_against_params_yaml_model(capsys: pytest.CaptureFixture) -> None:
-    assert step_cost.main(["--channels", "8/8", "--warmup", "1", "--windows", "1",
-                           "--steps", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and "ms per step" not in line]
-    default = "/".join(str(c) for c in load_params(REPO / "params.yaml")["model"]["channels"])
-    assert [r.split(" | ")[0] for r in rows] == [f"| {default} (params.yaml)", "| 8/8"]
-    assert rows[0].endswith("| 1.00 |")
-    assert float(rows[1].split(" | ")[-1].rstrip(" |")) > 0
+def _table(out: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("| ") and "ms per step" not in line]
 
 
-def test_malformed_channels_is_a_one_line_error() -> None:
+def test_default_first_and_ratios_against_it(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    built: list[list[int]] = []
+
+    def fake_seconds(model_params: dict[str, Any], *_: Any) -> float:
+        built.append(model_params["channels"])
+        return sum(model_params["channels"]) * 1e-3
+
+    monkeypatch.setattr(step_cost, "seconds_per_step", fake_seconds)
+    default = "/".join(map(str, DEFAULT))
+    assert step_cost.main(["--channels", f"8/8,{default},8/8,{2 * DEFAULT[0]}"]) == 0
+    assert built == [DEFAULT, [8, 8], [2 * DEFAULT[0]]]
+    rows = _table(capsys.readouterr().out)
+    assert [r[0] for r in rows] == [f"{default} (params.yaml)", "8/8", str(2 * DEFAULT[0])]
+    assert [r[3] for r in rows] == ["1.00", f"{16 / sum(DEFAULT):.2f}",
+                                    f"{2 * DEFAULT[0] / sum(DEFAULT):.2f}"]
+
+
+def test_timer_trains_the_given_width() -> None:
+    backend = select_backend({**PARAMS["ipex"], "enabled": False})
+    seconds = step_cost.seconds_per_step({**PARAMS["model"], "channels": [4]}, backend, 8,
+                                         warmup=1, windows=1, steps=1)
+    assert 0 < seconds < 60
+
+
+def test_parse_channels() -> None:
+    assert step_cost.parse_channels("16/32,32/64,") == [[16, 32], [32, 64]]
+
+
+@pytest.mark.parametrize("text", ["16/x", "16/-32", "0/16", ""])
+def test_malformed_channels_is_a_one_line_error(text: str) -> None:
     with pytest.raises(SystemExit, match="--channels: expected e.g. 16/32/64"):
-        step_cost.parse_channels("16/x")
+        step_cost.parse_channels(text)
