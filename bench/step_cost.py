@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmnist.accel import autocast, cpu_class, dtype_name, select_backend
+from fmnist.accel import Backend, autocast, cpu_class, dtype_name, select_backend
 from fmnist.allocator import keep_freed_memory
-from fmnist.constants import IMAGE_SIZE
+from fmnist.constants import IMAGE_SIZE, NUM_CLASSES
 from fmnist.model import build_model
 from fmnist.params import load_params
 from fmnist.reproducibility import configure_torch
@@ -51,7 +51,7 @@ def parse_channels(text: str) -> list[list[int]]:
     return models
 
 
-def seconds_per_step(model_params: dict[str, Any], backend: Any, batch: int,
+def seconds_per_step(model_params: dict[str, Any], backend: Backend, batch: int,
                      warmup: int, windows: int, steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(model_params).to(memory_format=torch.channels_last)
@@ -59,7 +59,7 @@ def seconds_per_step(model_params: dict[str, Any], backend: Any, batch: int,
     loss_fn = nn.CrossEntropyLoss()
     images = (torch.rand(batch, 1, IMAGE_SIZE, IMAGE_SIZE) * 255).contiguous(
         memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (batch,))
+    labels = torch.randint(0, NUM_CLASSES, (batch,))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
