@@ -1,8 +1,14 @@
-"""Helpers for tests that run the real stages in a project copy (test_e2e, test_failures)."""
+"""Helpers for tests that run the real stages in a project copy (test_e2e, test_failures) or
+the benchmark scripts under bench/."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
 
 PUBLISHED_TOPS = ("data", "models", "reports", "export")
 
@@ -24,3 +30,13 @@ def published_outputs(root: Path) -> dict[str, bytes]:
         for path in sorted((root / top).rglob("*"))
         if path.is_file()
     }
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/<name>.py as the module `name` (bench/ is scripts, not a package); registered in
+    sys.modules so its dataclasses and pickles resolve, and so scripts sharing it get this one."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ one end-to-end smoke run with real `dvc exp run --queue` experiments."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from project_files import load_bench_script
 
 from fmnist import signals
 from fmnist.params import load_params
@@ -25,15 +25,7 @@ DEBIAN_DATA = Path("/usr/share/datasets/fashion-mnist")
 HERE = {"cpu_class": "AMX", "dtype": "bfloat16", "threads": 2}
 
 
-def _load_study() -> Any:
-    spec = importlib.util.spec_from_file_location("sam_study", REPO / "bench" / "sam_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sam_study"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study()
+study = load_bench_script("sam_study")
 
 
 @pytest.fixture

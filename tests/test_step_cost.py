@@ -3,11 +3,11 @@ against it; the timer trains real steps; a malformed width list is a one-line er
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
+from project_files import load_bench_script
 
 from fmnist.accel import select_backend
 from fmnist.params import load_params
@@ -17,15 +17,7 @@ PARAMS = load_params(REPO / "params.yaml")
 DEFAULT = [int(c) for c in PARAMS["model"]["channels"]]
 
 
-def _load_bench() -> Any:
-    # the script puts bench/ on sys.path itself, for the helpers it shares with time_to_accuracy
-    spec = importlib.util.spec_from_file_location("step_cost", REPO / "bench" / "step_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-step_cost = _load_bench()
+step_cost = load_bench_script("step_cost")
 
 
 def _table(out: str) -> list[list[str]]:

@@ -3,28 +3,18 @@ the real one (its key, its table row and its frontier), without training anythin
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from project_files import load_bench_script
 
 from fmnist.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "time_to_accuracy", REPO / "bench" / "time_to_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["time_to_accuracy"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench_script("time_to_accuracy")
 
 
 def _run(isa_limit: str | None, test_acc: float, seconds: float,
