@@ -51,7 +51,9 @@ import time_to_accuracy as tta  # noqa: E402  (bench scripts share one definitio
 
 import fmnist.train as train_module  # noqa: E402
 from fmnist.accel import cpu_class, dtype_name, select_backend  # noqa: E402
+from fmnist.allocator import keep_freed_memory  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
+from fmnist.checkpoint import array_digest  # noqa: E402
 from fmnist.data import load_prepared  # noqa: E402
 from fmnist.inference import predict_logits  # noqa: E402
 from fmnist.model import build_model  # noqa: E402
@@ -92,7 +94,7 @@ class TeacherTargets:
 
     def look_up(self, batch: torch.Tensor) -> None:
         rows = [self.row[key] for key in image_keys(batch.numpy())]
-        self.current = self.logits[rows]
+        self.current = self.logits[rows]  # on the CPU, where batches are looked up
 
 
 @contextlib.contextmanager
@@ -106,7 +108,7 @@ def distilling(targets: TeacherTargets, alpha: float, temperature: float) -> Ite
 
     def cross_entropy_loss(label_smoothing: float = 0.0) -> Any:
         def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return distill_loss(logits, labels, targets.current,
+            return distill_loss(logits, labels, targets.current.to(logits.device),
                                 label_smoothing=label_smoothing, alpha=alpha,
                                 temperature=temperature)
         return loss
@@ -119,16 +121,18 @@ def distilling(targets: TeacherTargets, alpha: float, temperature: float) -> Ite
         train_module.augment_batch, train_module.nn = original_augment, original_nn
 
 
-def teacher_logits(data: Any, base: dict[str, Any], recipe: str, seed: int,
-                   record: dict[str, Any]) -> np.ndarray:
-    """Train (or load) the teacher; its flip-TTA logits on the training split, cached."""
+def teacher_logits(data: Any, base: dict[str, Any], record: dict[str, Any]) -> np.ndarray:
+    """Train (or load) the teacher `record` names; its flip-TTA logits on the training split,
+    cached per recipe, seed, CPU class, dtype and training images."""
+    recipe, seed = record["recipe"], record["seed"]
     params = tta.recipe_params(base, tta.RECIPES[recipe], seed)
-    stem = CACHE_DIR / f"teacher-{recipe}-{tta.recipe_hash(params)}-s{seed}-{cpu_class()}"
+    data_digest = array_digest(data.train.images, data.train.labels)[:12]
+    stem = CACHE_DIR / (f"teacher-{recipe}-{record['recipe_hash']}-s{seed}-{cpu_class()}-"
+                        f"{record['dtype']}-{data_digest}")
     weights, logits_file = stem.with_suffix(".pt"), stem.with_suffix(".logits.npy")
     timing = stem.with_suffix(".json")  # the teacher's train seconds, for runs that load it
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     model = build_model(params["model"])
-    record["recipe_hash"] = tta.recipe_hash(params)
     if weights.exists():
         model.load_state_dict(torch.load(weights))
     else:
@@ -136,6 +140,7 @@ def teacher_logits(data: Any, base: dict[str, Any], recipe: str, seed: int,
         start = time.perf_counter()
         model = tta.fit(data, params, progress=True).model
         write_json(timing, {"train_seconds": time.perf_counter() - start})
+        logits_file.unlink(missing_ok=True)  # another teacher's
         torch.save(model.state_dict(), weights)
     model.eval()
     model.flip_tta = True
@@ -146,7 +151,11 @@ def teacher_logits(data: Any, base: dict[str, Any], recipe: str, seed: int,
         np.save(logits_file, predict_logits(model, data.train.images, batch_size=1000))
         write_json(timing, {**read_timing(timing), "logits_seconds": time.perf_counter() - start})
     record.update(read_timing(timing))
-    return np.load(logits_file)
+    logits = np.load(logits_file)
+    if len(logits) != len(data.train.labels):
+        raise SystemExit(f"distill_probe: {logits_file}: {len(logits)} rows for "
+                         f"{len(data.train.labels)} training images; delete it")
+    return logits
 
 
 def read_timing(path: Path) -> dict[str, float]:
@@ -156,8 +165,9 @@ def read_timing(path: Path) -> dict[str, float]:
 def summary(runs: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
-        key = (tta.class_label(run), run["dtype"], run["recipe"], run["teacher"]["recipe"],
-               run["teacher"]["seed"], run["alpha"], run["temperature"])
+        key = (tta.class_label(run), run["dtype"], run["recipe"], run["recipe_hash"],
+               run["teacher"]["recipe"], run["teacher"]["recipe_hash"], run["teacher"]["seed"],
+               run["alpha"], run["temperature"])
         groups.setdefault(key, []).append(run)
     lines = [
         "# Distillation probe",
@@ -171,13 +181,15 @@ def summary(runs: list[dict[str, Any]]) -> str:
         "test acc mean ± std (min) | plain | student train s |",
         "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for (label, dtype, recipe, teacher, tseed, alpha, temp), group in sorted(groups.items()):
+    for (label, dtype, recipe, _, teacher, _, tseed, alpha, temp), group in sorted(
+            groups.items()):
         accs = [r["test_acc_flip_tta"] for r in group]
         plain = statistics.fmean(r["test_acc"] for r in group)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         low, high = (f"{f(r['train_seconds'] for r in group):.0f}" for f in (min, max))
         about = group[0]["teacher"]
-        teacher_s = f"{about['train_seconds']:.0f} s" if "train_seconds" in about else "? s"
+        teacher_s = (f"{about['train_seconds']:.0f} s + {about.get('logits_seconds', 0):.0f} s "
+                     "logits" if "train_seconds" in about else "? s")
         lines.append(
             f"| {label} | {dtype} | {recipe} | {teacher} seed {tseed} "
             f"({about['test_acc_flip_tta']:.2%}, {teacher_s}) | {alpha}, {temp} | "
@@ -216,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_torch(args.threads)
     dtype = dtype_name(select_backend(base["ipex"], base["train"]["device"]).dtype)
     data = load_prepared(args.data)
-    teacher: dict[str, Any] = {"recipe": args.teacher, "seed": args.teacher_seed}
+    teacher: dict[str, Any] = {
+        "recipe": args.teacher, "seed": args.teacher_seed, "dtype": dtype,
+        "recipe_hash": tta.recipe_hash(tta.recipe_params(base, tta.RECIPES[args.teacher],
+                                                         args.teacher_seed))}
+    kept = tta.ALLOCATOR_KEPT if keep_freed_memory() else tta.ALLOCATOR_DEFAULT
     done = {distill_key(r) for r in runs}
     targets = None
     for name in args.students.split(","):
@@ -224,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
             params = tta.recipe_params(base, tta.RECIPES[name], seed)
             run_key = {"recipe": name, "recipe_hash": tta.recipe_hash(params), "seed": seed,
                        "cpu_class": cpu_class(), "dtype": dtype, "threads": args.threads,
-                       "isa_limit": tta.isa_limit(), "allocator": tta.ALLOCATOR_KEPT,
+                       "isa_limit": tta.isa_limit(), "allocator": kept,
                        "teacher": teacher, "alpha": args.alpha,
                        "temperature": args.temperature}
             if distill_key(run_key) in done:
                 continue
             if targets is None:
-                targets = TeacherTargets(data.train.images, teacher_logits(
-                    data, base, args.teacher, args.teacher_seed, teacher))
+                targets = TeacherTargets(data.train.images,
+                                         teacher_logits(data, base, teacher))
             print(f"distill_probe: {name} seed {seed} ({cpu_class()}, {dtype})",
                   file=sys.stderr, flush=True)
             with distilling(targets, args.alpha, args.temperature):
@@ -247,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def distill_key(run: dict[str, Any]) -> str:
     teacher = run["teacher"]
-    return "|".join([tta.run_key(run), teacher["recipe"], str(teacher["seed"]),
-                     str(run["alpha"]), str(run["temperature"])])
+    return "|".join([tta.run_key(run), teacher["recipe"], teacher["recipe_hash"],
+                     str(teacher["seed"]), str(run["alpha"]), str(run["temperature"])])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Run from the repository root:
 
     python bench/step_cost.py --channels 16/32/64/128,32/64/128/256
+    python bench/step_cost.py --channels ... --markdown-out bench/results/step_cost.md
     MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
         python bench/step_cost.py --channels ...          # this machine as an AVX2-only CPU
 
@@ -13,7 +14,8 @@ plain SGD training step (forward, loss, backward, update; SAM's step is two of t
 of random images in the dtype params.yaml's `ipex.dtype` picks here (native backend, no IPEX),
 channels_last, with glibc's malloc keeping freed memory as training does (the header says when
 it could not); the median of timed windows after a warm-up is reported, params.yaml's model
-first.
+first. `--markdown-out` appends the run (its command, header and table) to a Markdown file,
+so the measurements of several classes accumulate in one generated file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from fmnist.accel import Backend, autocast, cpu_class, dtype_name, select_backend
 from fmnist.allocator import keep_freed_memory
+from fmnist.atomic import write_text
 from fmnist.constants import IMAGE_SIZE, NUM_CLASSES
 from fmnist.model import build_model
 from fmnist.params import load_params
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    parser.add_argument("--markdown-out", type=Path,
+                        help="append this run's command, header and table to this file")
     args = parser.parse_args(argv)
     params = load_params(ROOT / "params.yaml")
     configure_torch(args.threads)
@@ -99,19 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     models = [default, *[list(m) for m in dict.fromkeys(map(tuple, requested))]]
     limit = isa_limit()
     malloc = "glibc malloc keeps freed memory" if kept else "malloc as it is (not glibc's, or set)"
-    print(f"CPU class {cpu_class()}{' (' + limit + ')' if limit else ''}, "
-          f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}, "
-          f"{malloc}: plain SGD step, median of windows\n")
-    print("| channels | ms per step | images/s | x params.yaml's model |")
-    print("|---|---:|---:|---:|")
+    lines = [f"CPU class {cpu_class()}{' (' + limit + ')' if limit else ''}, "
+             f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}, "
+             f"{malloc}, torch {torch.__version__}: plain SGD step, median of windows", "",
+             "| channels | ms per step | images/s | x params.yaml's model |",
+             "|---|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     base = 0.0
     for channels in models:
         seconds = seconds_per_step({**params["model"], "channels": channels}, backend, batch,
                                    args.warmup, args.windows, args.steps)
         base = base or seconds  # the default runs first
         mark = " (params.yaml)" if channels == default else ""
-        print(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
-              f"{batch / seconds:,.0f} | {seconds / base:.2f} |", flush=True)
+        lines.append(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
+                     f"{batch / seconds:,.0f} | {seconds / base:.2f} |")
+        print(lines[-1], flush=True)
+    if args.markdown_out is not None:
+        command = " ".join(["python bench/step_cost.py", *(argv if argv is not None
+                                                            else sys.argv[1:])])
+        before = args.markdown_out.read_text() if args.markdown_out.exists() else ""
+        write_text(args.markdown_out, before + f"\n`{command}`\n\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -39,7 +39,8 @@ DATA = Prepared(train=_split(96, 0), val=_split(32, 1), test=_split(32, 2),
 def _params() -> dict[str, Any]:
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
     params["model"].update(channels=[4, 8], convs_per_block=1, hidden=16)
-    params["train"].update(batch_size=32, epochs=2, threads=1, sam_start=0.0, ema_decay=0.0)
+    # plain steps in the first epoch, SAM steps (two losses each) in the second
+    params["train"].update(batch_size=32, epochs=2, threads=1, sam_start=0.5, ema_decay=0.0)
     params["ipex"].update(enabled=False, dtype="float32")
     return params
 
@@ -78,12 +79,22 @@ def test_every_loss_sees_the_teacher_logits_of_its_own_batch(
     original = train_module.augment_batch, train_module.nn
     with probe.distilling(_one_hot_teacher(DATA.train), alpha=0.5, temperature=4.0):
         fit(DATA, _params(), progress=False)
-    # 3 batches x 2 epochs x SAM's 2 passes, each with its own batch's teacher rows
-    assert seen == [True] * 12
+    # 3 plain steps, then 3 SAM steps of 2 passes each, every one with its batch's teacher rows
+    assert seen == [True] * 9
     assert (train_module.augment_batch, train_module.nn) == original
 
 
+def test_a_batch_finds_each_images_own_teacher_row() -> None:
+    rows = np.random.default_rng(3).normal(size=(len(DATA.train.labels), 10))
+    targets = probe.TeacherTargets(DATA.train.images, rows)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:32]
+    batch = torch.as_tensor(DATA.train.images)[order].unsqueeze(1).float()  # as BatchIterator
+    targets.look_up(batch)
+    assert torch.equal(targets.current, torch.as_tensor(rows, dtype=torch.float32)[order])
+
+
 def test_alpha_zero_trains_bit_identical_to_the_train_stage() -> None:
+    """In float32 (the probe's bf16 runs autocast alike, but are not compared here)."""
     plain = fit(DATA, _params(), progress=False).model.state_dict()
     with probe.distilling(_one_hot_teacher(DATA.train), alpha=0.0, temperature=4.0):
         probed = fit(DATA, _params(), progress=False).model.state_dict()

@@ -58,3 +58,18 @@ def test_parse_channels() -> None:
 def test_malformed_channels_is_a_one_line_error(text: str) -> None:
     with pytest.raises(SystemExit, match="--channels: expected e.g. 16/32/64"):
         step_cost.parse_channels(text)
+
+
+def test_markdown_out_appends_each_run_with_its_command(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    monkeypatch.setattr(step_cost, "seconds_per_step",
+                        lambda model_params, *_: sum(model_params["channels"]) * 1e-3)
+    out = tmp_path / "step_cost.md"
+    out.write_text("# Step cost\n")
+    for width in ("8/8", "4/4"):
+        assert step_cost.main(["--channels", width, "--markdown-out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Step cost\n")  # what was there stays
+    assert text.count("| channels | ms per step |") == 2
+    first, second = text.index("--channels 8/8"), text.index("--channels 4/4")
+    assert first < text.index("| 8/8 |") < second < text.index("| 4/4 |")
