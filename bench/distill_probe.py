@@ -51,7 +51,6 @@ import time_to_accuracy as tta  # noqa: E402  (bench scripts share one definitio
 
 import fmnist.train as train_module  # noqa: E402
 from fmnist.accel import cpu_class, dtype_name, select_backend  # noqa: E402
-from fmnist.allocator import keep_freed_memory  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
 from fmnist.checkpoint import array_digest  # noqa: E402
 from fmnist.data import load_prepared  # noqa: E402
@@ -232,18 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": args.teacher, "seed": args.teacher_seed, "dtype": dtype,
         "recipe_hash": tta.recipe_hash(tta.recipe_params(base, tta.RECIPES[args.teacher],
                                                          args.teacher_seed))}
-    kept = tta.ALLOCATOR_KEPT if keep_freed_memory() else tta.ALLOCATOR_DEFAULT
     done = {distill_key(r) for r in runs}
     targets = None
     for name in args.students.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             params = tta.recipe_params(base, tta.RECIPES[name], seed)
-            run_key = {"recipe": name, "recipe_hash": tta.recipe_hash(params), "seed": seed,
-                       "cpu_class": cpu_class(), "dtype": dtype, "threads": args.threads,
-                       "isa_limit": tta.isa_limit(), "allocator": kept,
-                       "teacher": teacher, "alpha": args.alpha,
-                       "temperature": args.temperature}
-            if distill_key(run_key) in done:
+            planned = {**tta.planned_run(name, params, dtype, args.threads), "teacher": teacher,
+                       "alpha": args.alpha, "temperature": args.temperature}
+            if distill_key(planned) in done:
                 continue
             if targets is None:
                 targets = TeacherTargets(data.train.images,

@@ -189,6 +189,14 @@ def run_key(run: dict[str, Any]) -> str:
     return "|".join([*fields, run.get("isa_limit", ""), *kept])
 
 
+def planned_run(recipe: str, params: dict[str, Any], dtype: str, threads: int) -> dict[str, Any]:
+    """The fields `run_key` reads, for a run about to start here (to skip one already stored)."""
+    return {"recipe": recipe, "recipe_hash": recipe_hash(params), "seed": params["seed"],
+            "cpu_class": cpu_class(), "dtype": dtype, "threads": threads,
+            "isa_limit": isa_limit(),
+            "allocator": ALLOCATOR_KEPT if keep_freed_memory() else ALLOCATOR_DEFAULT}
+
+
 def class_label(run: dict[str, Any]) -> str:
     """The CPU class a table row names; an ISA-limited run says it was one, and a run with
     glibc's page-faulting default malloc says so too."""
@@ -386,11 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                                           if is_default(base, RECIPES[name]) else set()))
             for seed in wanted:
                 params = recipe_params(base, RECIPES[name], seed)
-                key = {"recipe": name, "recipe_hash": recipe_hash(params), "seed": seed,
-                       "cpu_class": cpu_class(), "dtype": dtype, "threads": args.threads,
-                       "isa_limit": isa_limit(),
-                       "allocator": ALLOCATOR_KEPT if keep_freed_memory() else ALLOCATOR_DEFAULT}
-                if run_key(key) in done:
+                if run_key(planned_run(name, params, dtype, args.threads)) in done:
                     continue
                 print(f"time_to_accuracy: {name} seed {seed} ({cpu_class()}, {dtype})",
                       file=sys.stderr, flush=True)
