@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                          "temperature": args.temperature})
             write_json(store, {"runs": runs})
     if runs:
-        write_text(args.markdown, summary(runs))
-        print(summary(runs))
+        table = summary(runs)
+        write_text(args.markdown, table)
+        print(table)
     return 0
 
 
