@@ -24,8 +24,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -54,10 +54,11 @@ def parse_channels(text: str) -> list[list[int]]:
     return models
 
 
-def seconds_per_step(model_params: dict[str, Any], backend: Backend, batch: int,
+def seconds_per_step(make_model: Callable[[], nn.Module], backend: Backend, batch: int,
                      warmup: int, windows: int, steps: int) -> float:
+    """Median seconds of a plain SGD step of the model `make_model()` builds (seeded)."""
     torch.manual_seed(0)
-    model = build_model(model_params).to(memory_format=torch.channels_last)
+    model = make_model().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     images = (torch.rand(batch, 1, IMAGE_SIZE, IMAGE_SIZE) * 255).contiguous(
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     base = 0.0
     for channels in models:
-        seconds = seconds_per_step({**params["model"], "channels": channels}, backend, batch,
+        config = {**params["model"], "channels": channels}
+        seconds = seconds_per_step(lambda config=config: build_model(config), backend, batch,
                                    args.warmup, args.windows, args.steps)
         base = base or seconds  # the default runs first
         mark = " (params.yaml)" if channels == default else ""

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from project_files import load_bench_script
+from torch import nn
 
 from fmnist.accel import select_backend
+from fmnist.model import build_model
 from fmnist.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +20,12 @@ DEFAULT = [int(c) for c in PARAMS["model"]["channels"]]
 
 
 step_cost = load_bench_script("step_cost")
+
+
+def _widths(make_model: Any) -> list[int]:
+    """The block widths of the model a step_cost factory builds."""
+    convs = [m.out_channels for m in make_model().features if isinstance(m, nn.Conv2d)]
+    return convs[::PARAMS["model"]["convs_per_block"]]
 
 
 def _table(out: str) -> list[list[str]]:
@@ -29,9 +37,9 @@ def test_default_first_and_ratios_against_it(monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
     built: list[list[int]] = []
 
-    def fake_seconds(model_params: dict[str, Any], *_: Any) -> float:
-        built.append(model_params["channels"])
-        return sum(model_params["channels"]) * 1e-3
+    def fake_seconds(make_model: Any, *_: Any) -> float:
+        built.append(_widths(make_model))
+        return sum(built[-1]) * 1e-3
 
     monkeypatch.setattr(step_cost, "seconds_per_step", fake_seconds)
     default = "/".join(map(str, DEFAULT))
@@ -45,8 +53,9 @@ def test_default_first_and_ratios_against_it(monkeypatch: pytest.MonkeyPatch,
 
 def test_timer_trains_the_given_width() -> None:
     backend = select_backend({**PARAMS["ipex"], "enabled": False})
-    seconds = step_cost.seconds_per_step({**PARAMS["model"], "channels": [4]}, backend, 8,
-                                         warmup=1, windows=1, steps=1)
+    seconds = step_cost.seconds_per_step(
+        lambda: build_model({**PARAMS["model"], "channels": [4]}), backend, 8,
+        warmup=1, windows=1, steps=1)
     assert 0 < seconds < 60
 
 
@@ -63,7 +72,7 @@ def test_malformed_channels_is_a_one_line_error(text: str) -> None:
 def test_markdown_out_appends_each_run_with_its_command(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
     monkeypatch.setattr(step_cost, "seconds_per_step",
-                        lambda model_params, *_: sum(model_params["channels"]) * 1e-3)
+                        lambda make_model, *_: sum(_widths(make_model)) * 1e-3)
     out = tmp_path / "step_cost.md"
     out.write_text("# Step cost\n")
     for width in ("8/8", "4/4"):
