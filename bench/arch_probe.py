@@ -7,7 +7,7 @@ Run from the repository root, after `dvc repro preprocess`:
     python bench/arch_probe.py --archs 32/64/128 --seeds 0,1,2
     python bench/arch_probe.py --archs 32/64/128,24/48/96 --step-cost     # step times only
     MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
-        python bench/arch_probe.py --archs 32/64/128 --step-cost          # as an AVX2-only CPU
+        python bench/arch_probe.py --archs 32/64/128,24/48/96 --step-cost # as an AVX2-only CPU
 
 An arch `a/b/c` is three blocks: conv 1->a at 28x28, pool, conv a->a at 14x14; conv a->b,
 pool, conv b->b at 7x7; conv b->c, pool, conv c->c at 3x3 (3x3 convolutions with BatchNorm and
@@ -44,6 +44,7 @@ import time_to_accuracy as tta  # noqa: E402
 
 import fmnist.train as train_module  # noqa: E402
 from fmnist.accel import cpu_class, dtype_name, select_backend  # noqa: E402
+from fmnist.allocator import keep_freed_memory  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
 from fmnist.constants import IMAGE_SIZE, INPUT_SHAPE, NUM_CLASSES  # noqa: E402
 from fmnist.data import load_prepared  # noqa: E402
@@ -55,8 +56,9 @@ DEFAULT_RECIPE = "late-e16"  # params.yaml's training recipe, the one every arch
 
 
 class EarlyPoolCNN(CNN):
-    """CNN's forward (normalize, features, classifier; flip TTA in eval mode) over blocks that
-    pool after their first conv."""
+    """Inherits CNN's forward, so flip TTA and normalization are exactly the shipped model's;
+    builds its own layers here rather than as a `model.*` option, so the library and the
+    committed dvc.lock stay as they are unless the layout wins."""
 
     def __init__(self, channels: list[int], dropout: float, hidden: int) -> None:
         nn.Module.__init__(self)  # CNN's own __init__ builds the other layout
@@ -88,6 +90,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 def parse_arch(text: str) -> list[int]:
+    """The three block widths of `a/b/c`; a one-line exit otherwise."""
     try:
         channels = [int(c) for c in text.split("/")]
     except ValueError:
@@ -139,13 +142,15 @@ def building(arch: str) -> Iterator[None]:
         train_module.build_model = original
 
 
-def machine(dtype: str, threads: int) -> dict[str, Any]:
-    return {"cpu_class": cpu_class(), "isa_limit": tta.isa_limit(), "dtype": dtype,
-            "threads": threads, "cpu_model": tta.cpu_model(), "torch_version": torch.__version__}
+def canonical(arch: str) -> str:
+    """One spelling per model (`32/ 64/128` is `32/64/128`), for keys and table rows."""
+    return "/".join(map(str, parse_arch(arch)))
 
 
 def measure_step_costs(base: dict[str, Any], archs: list[str], dtype: str,
                        threads: int) -> list[dict[str, Any]]:
+    """Step times as step_cost.py takes them: glibc's malloc keeping freed memory, as `fit`."""
+    allocator = tta.ALLOCATOR_KEPT if keep_freed_memory() else tta.ALLOCATOR_DEFAULT
     backend = select_backend({**base["ipex"], "enabled": False}, base["train"]["device"])
     batch = base["train"]["batch_size"]
     models = {"params.yaml": lambda: build_model(base["model"])}
@@ -155,7 +160,10 @@ def measure_step_costs(base: dict[str, Any], archs: list[str], dtype: str,
         seconds = step_cost.seconds_per_step(factory, backend, batch, warmup=40, windows=5,
                                              steps=20)
         default_seconds = default_seconds or seconds  # params.yaml's model runs first
-        out.append({**machine(dtype, threads), "arch": name, "batch": batch,
+        out.append({"cpu_class": cpu_class(), "isa_limit": tta.isa_limit(),
+                    "allocator": allocator, "dtype": dtype, "threads": threads,
+                    "cpu_model": tta.cpu_model(), "torch_version": torch.__version__,
+                    "arch": name, "batch": batch,
                     "multiply_adds": multiply_adds(factory()), "ms_per_step": seconds * 1000,
                     "ratio": seconds / default_seconds})
         print(f"arch_probe: {name}: {seconds * 1000:.1f} ms per plain step "
@@ -164,23 +172,39 @@ def measure_step_costs(base: dict[str, Any], archs: list[str], dtype: str,
 
 
 def arch_key(run: dict[str, Any]) -> str:
-    return f"{tta.run_key(run)}|{run['arch']}"
+    return f"{tta.run_key(run)}|{canonical(run['arch'])}"
 
 
-def step_label(entry: dict[str, Any]) -> str:
-    return f"{entry['cpu_class']}{' (emulated)' if entry['isa_limit'] else ''} {entry['dtype']}"
+def pairing_key(run: dict[str, Any]) -> tuple[str, str, str, int, int]:
+    """Runs of one recipe (params.yaml's, by hash), machine class, dtype, threads and seed."""
+    return (tta.class_label(run), run["dtype"], run["recipe_hash"], run["threads"], run["seed"])
+
+
+def grouped_step_costs(steps: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Every measurement of each model per machine class and dtype, in measuring order: the
+    spread between runs is the VM's, and the table shows it rather than one draw."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for entry in steps:
+        key = (tta.class_label(entry), entry["dtype"], entry["arch"])
+        groups.setdefault(key, []).append(entry)
+    return groups
+
+
+def _span(values: list[float], digits: int) -> str:
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}-{high}"
 
 
 def summary(runs: list[dict[str, Any]], steps: list[dict[str, Any]],
             baseline: list[dict[str, Any]]) -> str:
     """Arch rows, then the step costs; `baseline`: time_to_accuracy's runs, whose default
     (params.yaml's recipe) each arch seed is paired with."""
-    reference = {(tta.class_label(r), r["dtype"], r["seed"]): r["test_acc_flip_tta"]
-                 for r in baseline
-                 if r["recipe"] == DEFAULT_RECIPE and r.get("test_acc_flip_tta") is not None}
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    default_acc = {pairing_key(r): r["test_acc_flip_tta"] for r in baseline
+                   if r["recipe"] == DEFAULT_RECIPE and r.get("test_acc_flip_tta") is not None}
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((tta.class_label(run), run["dtype"], run["arch"]), []).append(run)
+        key = (tta.class_label(run), run["dtype"], canonical(run["arch"]), run["recipe_hash"])
+        groups.setdefault(key, []).append(run)
     lines = [
         "# Architecture probe: pooling after each block's first conv",
         "",
@@ -188,21 +212,23 @@ def summary(runs: list[dict[str, Any]], steps: list[dict[str, Any]],
         f"params.yaml's recipe ({DEFAULT_RECIPE}) with the model swapped; seconds: the train "
         "stage's `fit`; accuracy: the float32 model on the 10,000 test images with flip TTA "
         "(`plain`: without it); paired: the arch minus time_to_accuracy.json's default on the "
-        "same CPU class, dtype and seed.",
+        "same CPU class, dtype, recipe and seed. Runs imported from a scratch copy of the probe "
+        "(`source` in the JSON) count for accuracy, not for seconds.",
         "",
         "| CPU class | dtype | arch (early pooling) | M multiply-adds | seeds | "
         "test acc mean ± std (min) | plain | paired with the default | train s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (label, dtype, arch), group in sorted(groups.items()):
+    for (label, dtype, arch, _), group in sorted(groups.items()):
         accs = [r["test_acc_flip_tta"] for r in group]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         plain = statistics.fmean(r["test_acc"] for r in group)
-        pairs = [r["test_acc_flip_tta"] - reference[(label, dtype, r["seed"])] for r in group
-                 if (label, dtype, r["seed"]) in reference]
+        pairs = [r["test_acc_flip_tta"] - default_acc[pairing_key(r)] for r in group
+                 if pairing_key(r) in default_acc]
         seeds = f"{len(pairs)} seed{'s' * (len(pairs) > 1)}"
         paired = f"{statistics.fmean(pairs) * 100:+.2f} ({seeds})" if pairs else "-"
-        low, high = (f"{f(r['train_seconds'] for r in group):.0f}" for f in (min, max))
+        timed = [r["train_seconds"] for r in group if not r.get("source")]
+        low, high = (f"{f(timed):.0f}" if timed else "-" for f in (min, max))
         lines.append(
             f"| {label} | {dtype} | {arch} | {group[0]['multiply_adds'] / 1e6:.1f} | "
             f"{len(group)} | {statistics.fmean(accs):.2%} ± {std:.2%} ({min(accs):.2%}) | "
@@ -211,12 +237,12 @@ def summary(runs: list[dict[str, Any]], steps: list[dict[str, Any]],
         lines += ["", "Plain SGD step (forward, loss, backward, update) on random images, "
                   "median of 5 windows of 20 steps after 40, against params.yaml's model in "
                   "the same process:", "",
-                  "| CPU class, dtype | model | M multiply-adds | ms per step | x params.yaml's |",
-                  "|---|---|---:|---:|---:|"]
-        for entry in steps:
-            lines.append(f"| {step_label(entry)} | {entry['arch']} | "
-                         f"{entry['multiply_adds'] / 1e6:.1f} | {entry['ms_per_step']:.1f} | "
-                         f"{entry['ratio']:.2f} |")
+                  "| CPU class, dtype | model | M multiply-adds | runs | ms per step | "
+                  "x params.yaml's |", "|---|---|---:|---:|---:|---:|"]
+        for (label, dtype, arch), group in grouped_step_costs(steps).items():
+            lines.append(f"| {label}, {dtype} | {arch} | {group[0]['multiply_adds'] / 1e6:.1f} | "
+                         f"{len(group)} | {_span([e['ms_per_step'] for e in group], 1)} | "
+                         f"{_span([e['ratio'] for e in group], 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,15 +258,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=str(tta.RESULTS / "arch_probe.json"))
     parser.add_argument("--markdown", default=str(tta.RESULTS / "arch_probe.md"))
     args = parser.parse_args(argv)
-    args.archs = [a for a in args.archs.split(",") if a]
-    for arch in args.archs:
-        parse_arch(arch)
+    args.archs = list(dict.fromkeys(canonical(a) for a in args.archs.split(",") if a))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = load_params(ROOT / "params.yaml")
+    if not tta.is_default(base, tta.RECIPES[DEFAULT_RECIPE]):
+        raise SystemExit(f"arch_probe: params.yaml's training recipe is no longer "
+                         f"{DEFAULT_RECIPE}; update DEFAULT_RECIPE")
     store = Path(args.json)
     stored = json.loads(store.read_text()) if store.exists() else {}
     runs, steps = stored.get("runs", []), stored.get("step_costs", [])
@@ -253,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {arch_key(r) for r in runs}
         data = None
         for arch in args.archs:
-            for seed in (int(s) for s in args.seeds.split(",")):
+            for seed in dict.fromkeys(int(s) for s in args.seeds.split(",")):
                 params = tta.recipe_params(base, tta.RECIPES[DEFAULT_RECIPE], seed)
                 planned = {**tta.planned_run(DEFAULT_RECIPE, params, dtype, args.threads),
                            "arch": arch}

@@ -80,7 +80,7 @@ def test_flip_tta_averages_the_image_and_its_mirror() -> None:
 def test_fit_trains_the_arch_only_inside_building() -> None:
     params = copy.deepcopy(PARAMS)
     params["model"].update(hidden=8)
-    params["train"].update(batch_size=32, epochs=1, threads=1, ema_decay=0.0)
+    params["train"].update(batch_size=32, epochs=1, threads=1, ema_decay=0.9)  # EMA copy too
     params["ipex"].update(enabled=False, dtype="float32")
     original = train_module.build_model
     with probe.building("2/3/4"):
@@ -110,12 +110,30 @@ def test_summary_pairs_each_seed_with_the_default_of_its_class_and_seed() -> Non
     runs = [_run(0, 0.9410, arch="32/64/128", multiply_adds=13e6),
             _run(1, 0.9420, arch="32/64/128", multiply_adds=13e6)]
     baseline = [_run(0, 0.9400), _run(1, 0.9390), _run(2, 0.9000),
-                _run(0, 0.5000, cpu_class="AVX2")]  # other class: not a pair
+                # not pairs: another class, dtype, recipe, params.yaml (hash) or thread count
+                _run(0, 0.5, cpu_class="AVX2"), _run(0, 0.5, dtype="float32"),
+                _run(0, 0.5, recipe="late-q16"), _run(1, 0.5, recipe_hash="old"),
+                _run(1, 0.5, threads=1)]
     row = next(line for line in probe.summary(runs, [], baseline).splitlines()
                if "| 32/64/128 |" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3:] == ["13.0", "2", "94.15% ± 0.07% (94.10%)", "93.95%", "+0.20 (2 seeds)",
                          "100-101"]
+    scratch = [{**runs[0], "source": "scratch"}, runs[1]]  # accuracy counts, seconds do not
+    row = next(line for line in probe.summary(scratch, [], baseline).splitlines()
+               if "| 32/64/128 |" in line)
+    assert row.endswith("| +0.20 (2 seeds) | 101 |")
+
+
+def test_step_costs_show_the_spread_of_each_model_per_class() -> None:
+    entry = {"cpu_class": "AMX", "isa_limit": "", "allocator": "kept", "dtype": "bfloat16",
+             "multiply_adds": 1e6, "ms_per_step": 10.0, "ratio": 1.0}
+    steps = [{**entry, "arch": "params.yaml"}, {**entry, "arch": "2/3/4", "ratio": 1.5},
+             {**entry, "arch": "2/3/4", "ratio": 1.2, "ms_per_step": 12.0},
+             {**entry, "arch": "2/3/4", "ratio": 0.9, "allocator": "default"}]
+    rows = [line for line in probe.summary([], steps, []).splitlines() if "| 2/3/4 |" in line]
+    assert rows == ["| AMX, bfloat16 | 2/3/4 | 1.0 | 2 | 10.0-12.0 | 1.20-1.50 |",
+                    "| AMX, default malloc, bfloat16 | 2/3/4 | 1.0 | 1 | 10.0 | 0.90 |"]
 
 
 def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
@@ -132,14 +150,15 @@ def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(probe, "load_prepared", lambda path: DATA)
     monkeypatch.setattr(probe, "dtype_name", lambda dtype: "float32")
     store, table = tmp_path / "arch_probe.json", tmp_path / "arch_probe.md"
-    argv = ["--archs", "2/3/4", "--seeds", "0,1", "--json", str(store),
-            "--markdown", str(table)]
+    files = ["--json", str(store), "--markdown", str(table)]
     monkeypatch.setattr(probe.tta, "RESULTS", tmp_path)  # no baseline runs
-    assert probe.main(argv) == 0
-    assert trained == [("EarlyPoolCNN", 0), ("EarlyPoolCNN", 1)]
-    assert probe.main([*argv[:3], "0,1,2", *argv[4:]]) == 0
-    assert trained[2:] == [("EarlyPoolCNN", 2)]
+    assert probe.main(["--archs", "2/3/4,2/ 3/4", "--seeds", "0,1", *files]) == 0
+    assert [seed for _, seed in trained] == [0, 1]  # one spelling, one model
+    assert probe.main(["--archs", "2/3/4,3/4/5", "--seeds", "0,1,2", *files]) == 0
+    assert [seed for _, seed in trained[2:]] == [2, 0, 1, 2]
     runs = json.loads(store.read_text())["runs"]
-    assert [r["seed"] for r in runs] == [0, 1, 2]
-    assert all(r["model"] == {"early_pool_channels": [2, 3, 4]} for r in runs)
-    assert "| 2/3/4 |" in table.read_text()
+    assert [(r["arch"], r["seed"]) for r in runs] == [
+        ("2/3/4", 0), ("2/3/4", 1), ("2/3/4", 2), ("3/4/5", 0), ("3/4/5", 1), ("3/4/5", 2)]
+    assert runs[-1]["model"] == {"early_pool_channels": [3, 4, 5]}
+    assert {name for name, _ in trained} == {"EarlyPoolCNN"}
+    assert "| 3/4/5 |" in table.read_text()
