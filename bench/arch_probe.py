@@ -291,10 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
                 with building(arch):
                     run = tta.run_one(data, params, DEFAULT_RECIPE)
-                model = make_model(arch, params["model"])
-                runs.append({**run, "arch": arch, "model": {"early_pool_channels":
-                                                            parse_arch(arch)},
-                             "multiply_adds": multiply_adds(model)})
+                model = {"early_pool_channels": parse_arch(arch)}  # not a params.model
+                size = multiply_adds(make_model(arch, params["model"]))
+                runs.append({**run, "arch": arch, "model": model, "multiply_adds": size})
                 write_json(store, {"runs": runs, "step_costs": steps})
     baseline_file = tta.RESULTS / "time_to_accuracy.json"
     baseline = json.loads(baseline_file.read_text())["runs"] if baseline_file.exists() else []

@@ -113,6 +113,8 @@ RECIPES = {
                        "quarter, EMA", WIDE_HEAD, _late(16, 0.75)),
     "late-h16": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 16 epochs, SAM "
                        "in the last quarter, EMA", LARGE_DEEP, _late(16, 0.75)),
+    "late-h12": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 12 epochs, SAM in "
+                       "the last quarter, EMA", LARGE_DEEP, _late(12, 0.75)),
     "late-h8": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 8 epochs, SAM in "
                       "the last quarter, EMA", LARGE_DEEP, _late(8, 0.75)),
     "late-d12": Recipe("32/64/128 x1, 12 epochs, SAM in the second half, EMA",
