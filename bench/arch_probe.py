@@ -20,7 +20,7 @@ Runs go to bench/results/arch_probe.json as each ends (keyed like time_to_accura
 arch), so the probe resumes; `--step-cost` stores plain-SGD step times (params.yaml's model
 first, the ratio is what carries between machines of a class) instead of training. The table
 (arch_probe.md) pairs each arch's seeds with time_to_accuracy.json's default runs of the same
-CPU class, dtype and seed.
+CPU class, dtype, recipe hash, threads and seed.
 """
 
 from __future__ import annotations
@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 size = multiply_adds(make_model(arch, params["model"]))
                 runs.append({**run, "arch": arch, "model": model, "multiply_adds": size})
                 write_json(store, {"runs": runs, "step_costs": steps})
-    baseline_file = tta.RESULTS / "time_to_accuracy.json"
-    baseline = json.loads(baseline_file.read_text())["runs"] if baseline_file.exists() else []
+    baseline = tta.stored_runs(tta.RUNS_FILE)
     if runs or steps:
         table = summary(runs, steps, baseline)
         write_text(args.markdown, table)

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = load_params(ROOT / "params.yaml")
     store = Path(args.json)
-    runs = json.loads(store.read_text())["runs"] if store.exists() else []
+    runs = tta.stored_runs(store)
     configure_torch(args.threads)
     dtype = dtype_name(select_backend(base["ipex"], base["train"]["device"]).dtype)
     data = load_prepared(args.data)

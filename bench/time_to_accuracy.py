@@ -49,6 +49,7 @@ from fmnist.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+RUNS_FILE = RESULTS / "time_to_accuracy.json"
 TARGET_ACCURACY = 0.945
 # The issue's budgets for the train stage, by dtype: float32 on a 2-core AVX2-only CPU,
 # bfloat16 on 2 cores with native bf16.
@@ -142,6 +143,11 @@ def is_default(base: dict[str, Any], recipe: Recipe) -> bool:
     return all(base["model"][k] == v for k, v in recipe.model.items()) and all(
         base["train"][k] == v for k, v in recipe.train.items()
     )
+
+
+def stored_runs(path: Path) -> list[dict[str, Any]]:
+    """The runs a results file holds (this script's or a probe's); none before the first."""
+    return json.loads(path.read_text())["runs"] if path.exists() else []
 
 
 def recipe_hash(params: dict[str, Any]) -> str:
@@ -367,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the params.yaml default runs seeds 0..N-1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT / PREPARED_FILE))
-    parser.add_argument("--json", default=str(RESULTS / "time_to_accuracy.json"))
+    parser.add_argument("--json", default=str(RUNS_FILE))
     parser.add_argument("--markdown", default=str(RESULTS / "time_to_accuracy.md"))
     parser.add_argument("--figure", default=str(RESULTS / "time_to_accuracy.png"),
                         help="generated, not committed")
@@ -379,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = load_params(ROOT / "params.yaml")
     store = Path(args.json)
-    runs = json.loads(store.read_text())["runs"] if store.exists() else []
+    runs = stored_runs(store)
     if not args.report_only:
         names = [n.strip() for n in args.recipes.split(",") if n.strip()]
         defaults = [n for n, r in RECIPES.items() if is_default(base, r)]

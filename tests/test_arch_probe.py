@@ -151,7 +151,7 @@ def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(probe, "dtype_name", lambda dtype: "float32")
     store, table = tmp_path / "arch_probe.json", tmp_path / "arch_probe.md"
     files = ["--json", str(store), "--markdown", str(table)]
-    monkeypatch.setattr(probe.tta, "RESULTS", tmp_path)  # no baseline runs
+    monkeypatch.setattr(probe.tta, "RUNS_FILE", tmp_path / "none.json")  # no baseline runs
     assert probe.main(["--archs", "2/3/4,2/ 3/4", "--seeds", "0,1", *files]) == 0
     assert [seed for _, seed in trained] == [0, 1]  # one spelling, one model
     assert probe.main(["--archs", "2/3/4,3/4/5", "--seeds", "0,1,2", *files]) == 0
