@@ -108,6 +108,9 @@ RECIPES = {
                        "last quarter, EMA", SMALL_DEEP, {**_late(20, 0.75), **FLIP_ONLY}),
     "late-q16": Recipe("16/32/64/128 x2 (4 blocks), batch 64 (twice the steps), 16 epochs, SAM in "
                        "the last quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), "batch_size": 64}),
+    "late-r16": Recipe("16/32/64/128 x2 (4 blocks), no dropout, weight decay 2.5e-4, 16 epochs, "
+                       "SAM in the last quarter, EMA", {**SMALL_DEEP, "dropout": 0.0},
+                       {**_late(16, 0.75), "weight_decay": 2.5e-4}),
     "late-j16": Recipe("16/48/96/192 x2 (4 blocks, wider from 14x14 on), 16 epochs, SAM in the "
                        "last quarter, EMA", WIDE_MIDDLE, _late(16, 0.75)),
     "late-m16": Recipe("32/32/64/128 x2 (4 blocks, wider at 28x28), 16 epochs, SAM in the last "
