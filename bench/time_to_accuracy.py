@@ -6,9 +6,11 @@ Run from the repository root, after `dvc repro preprocess`:
     python bench/time_to_accuracy.py --recipes late-b12 --seeds 0,1,2
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/time_to_accuracy.py \
         --recipes default                                   # this machine as an AVX2-only CPU
+    python bench/time_to_accuracy.py --recipes late-h16 --dtype float32  # float32 on a bf16 CPU
 
 Each run is the train stage's own `fit` on the full prepared training split (validation every
-epoch, as the stage does) in the dtype `ipex.dtype: auto` picks on this CPU, then the float32
+epoch, as the stage does) in the dtype params.yaml's `ipex.dtype` picks on this CPU (`--dtype`
+overrides it), then the float32
 model is scored on the test split, plain and with flip test-time augmentation; the table's
 headline is the one evaluate reports (`evaluate.flip_tta`). Results are keyed by the recipe's
 params (a hash), seed, CPU class, dtype and threads, and appended to
@@ -146,6 +148,14 @@ def is_default(base: dict[str, Any], recipe: Recipe) -> bool:
     return all(base["model"][k] == v for k, v in recipe.model.items()) and all(
         base["train"][k] == v for k, v in recipe.train.items()
     )
+
+
+def with_dtype(base: dict[str, Any], dtype: str | None) -> dict[str, Any]:
+    """params.yaml with `--dtype` as its ipex.dtype: e.g. a recipe's float32 accuracy measured on
+    a CPU whose `auto` is bf16 (its seconds are still this CPU's, not an AVX2 one's)."""
+    if dtype is None:
+        return base
+    return validate({**base, "ipex": {**base["ipex"], "dtype": dtype}}, f"--dtype {dtype}")
 
 
 def stored_runs(path: Path) -> list[dict[str, Any]]:
@@ -375,6 +385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--default-seeds", type=int, default=3,
                         help="the params.yaml default runs seeds 0..N-1")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
+                        help="train in this dtype instead of params.yaml's ipex.dtype")
     parser.add_argument("--data", default=str(ROOT / PREPARED_FILE))
     parser.add_argument("--json", default=str(RUNS_FILE))
     parser.add_argument("--markdown", default=str(RESULTS / "time_to_accuracy.md"))
@@ -386,7 +398,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    base = load_params(ROOT / "params.yaml")
+    base = with_dtype(load_params(ROOT / "params.yaml"), args.dtype)
     store = Path(args.json)
     runs = stored_runs(store)
     if not args.report_only:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from project_files import load_bench_script
 
+from fmnist.errors import ParamsError
 from fmnist.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +79,15 @@ def test_a_key_added_at_its_absent_value_keeps_the_recipe_hash() -> None:
     assert bench.recipe_hash(params) == bench.recipe_hash(without)
     ceil = {**params, "model": {**params["model"], "pool_ceil_mode": True}}
     assert bench.recipe_hash(ceil) != bench.recipe_hash(params)
+
+
+def test_dtype_overrides_params_ipex_dtype_and_only_that() -> None:
+    base = load_params(REPO / "params.yaml")
+    forced = bench.with_dtype(base, "float32")
+    assert forced["ipex"]["dtype"] == "float32"
+    assert {k: v for k, v in forced.items() if k != "ipex"} == {
+        k: v for k, v in base.items() if k != "ipex"}
+    assert base["ipex"]["dtype"] == "auto"  # params.yaml's own copy is left alone
+    assert bench.with_dtype(base, None) is base
+    with pytest.raises(ParamsError, match="ipex.dtype: 'float16'"):
+        bench.with_dtype(base, "float16")
