@@ -1,5 +1,7 @@
-"""bench/time_to_accuracy.py: a run on a CPU posing as a lesser one is kept apart from a run on
-the real one (its key, its table row and its frontier), without training anything."""
+"""bench/time_to_accuracy.py, without training anything: a run on a CPU posing as a lesser one
+is kept apart from a run on the real one (its key, its table row and its frontier), and a run in
+another dtype than params.yaml's (`--dtype`) trains in that dtype and is neither marked as the
+default nor held to a budget the issue does not set for it."""
 
 from __future__ import annotations
 
@@ -91,3 +93,46 @@ def test_dtype_overrides_params_ipex_dtype_and_only_that() -> None:
     assert bench.with_dtype(base, None) is base
     with pytest.raises(ParamsError, match="ipex.dtype: 'float16'"):
         bench.with_dtype(base, "float16")
+
+
+def _default_run(cpu: str, dtype: str) -> dict[str, Any]:
+    return {**_run("", 0.94, 230), "recipe": "late-e16", "cpu_class": cpu, "dtype": dtype}
+
+
+def test_the_default_mark_and_the_budget_follow_the_dtype_params_yaml_trains_in() -> None:
+    base = load_params(REPO / "params.yaml")
+    assert base["ipex"]["dtype"] == "auto"
+    rows = {(r["cpu_class"], r["dtype"]): r for r in bench.summarize(
+        [_default_run("AMX", "bfloat16"), _default_run("AMX", "float32"),
+         _default_run("AVX2", "float32")], base)}
+    assert rows["AMX", "bfloat16"]["default"] and rows["AVX2", "float32"]["default"]
+    assert not rows["AMX", "float32"]["default"]  # auto trains bf16 there
+    assert rows["AMX", "bfloat16"]["budget_s"] == bench.BUDGET_S["bfloat16"]
+    assert rows["AVX2", "float32"]["budget_s"] == bench.BUDGET_S["float32"]
+    assert rows["AMX", "float32"]["budget_s"] is None  # the float32 budget is an AVX2 CPU's
+    forced = bench.with_dtype(base, "float32")
+    assert bench.params_dtype(forced, "AMX") == "float32"
+
+
+def test_dtype_reaches_the_training_run_and_the_table_keeps_params_yaml_s_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: list[dict[str, Any]] = []
+
+    def fake_run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
+        trained.append(params)
+        return {**_default_run("AMX", params["ipex"]["dtype"]), "recipe": recipe,
+                "recipe_hash": bench.recipe_hash(params)}
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    monkeypatch.setattr(bench, "load_prepared", lambda path: None)
+    monkeypatch.setattr(bench, "configure_torch", lambda threads: None)
+    monkeypatch.setattr(bench, "figure", lambda rows, path: None)
+    out = tmp_path / "runs.json"
+    assert bench.main(["--recipes", "late-e16", "--seeds", "0", "--default-seeds", "1",
+                       "--dtype", "float32", "--json", str(out),
+                       "--markdown", str(tmp_path / "table.md")]) == 0
+    assert [p["ipex"]["dtype"] for p in trained] == ["float32"]
+    assert bench.stored_runs(out)[0]["dtype"] == "float32"
+    # the run is params.yaml's recipe, but not in the dtype params.yaml trains in on AMX
+    assert "| AMX | float32 | late-e16" in (tmp_path / "table.md").read_text()
+    assert "*" not in (tmp_path / "table.md").read_text().splitlines()[-1]
