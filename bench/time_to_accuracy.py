@@ -45,7 +45,7 @@ from fmnist.constants import PREPARED_FILE
 from fmnist.data import load_prepared
 from fmnist.inference import predict_logits
 from fmnist.model import model_config
-from fmnist.params import load_params, validate
+from fmnist.params import load_params, schema, validate
 from fmnist.reproducibility import configure_torch
 from fmnist.train import fit
 
@@ -412,7 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--default-seeds", type=int, default=3,
                         help="the params.yaml default runs seeds 0..N-1")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
+    dtypes = schema()["properties"]["ipex"]["properties"]["dtype"]["enum"]  # ipex.dtype's values
+    parser.add_argument("--dtype", choices=dtypes,
                         help="train in this dtype instead of params.yaml's ipex.dtype")
     parser.add_argument("--data", default=str(ROOT / PREPARED_FILE))
     parser.add_argument("--json", default=str(RUNS_FILE))
