@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from fmnist import allocator
-from fmnist import train as train_module
 from fmnist.accel import cpu_class, select_backend
 from fmnist.checkpoint import load_checkpoint
 from fmnist.constants import CLASS_NAMES
@@ -106,29 +105,6 @@ def test_scoring_fewer_epochs_skips_their_validation_and_changes_nothing_else() 
     second = fit(DATA, params, progress=False, scored_epochs=[2])
     assert [np.isnan(e["val_acc"]) for e in second.history] == [True, False, False]
     assert second.history[1]["val_acc"] == every.history[1]["val_acc"]
-
-
-def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # deterministic mode would fill every new tensor with NaN: a debugging aid, slow, no result
-    configure = train_module.configure_torch
-
-    def configure_with_fill(*args: Any, **kwargs: Any) -> None:
-        configure(*args, **kwargs)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-
-    params = tiny_params(ema_decay=0.9, sam_start=0.5)
-    default = fit(DATA, params, progress=False)
-    assert torch.are_deterministic_algorithms_enabled()
-    assert torch.utils.deterministic.fill_uninitialized_memory is False
-    monkeypatch.setattr(train_module, "configure_torch", configure_with_fill)
-    try:
-        filled = fit(DATA, params, progress=False)
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    assert _same_weights(default.model, filled.model)
-    assert default.metrics == filled.metrics
 
 
 def test_other_seed_gives_other_weights() -> None:

@@ -26,15 +26,10 @@ def configure_torch(threads: int, device: torch.device | None = None) -> None:
 
     warn_only: the CPU kernels this model uses are deterministic; on an accelerator an op
     without a deterministic kernel warns instead of stopping the run.
-    Deterministic mode also fills every new tensor with NaN: a debugging aid that changes no
-    weight (every kernel writes its output before reading it; tests/test_train.py checks) and
-    costs 6-7% of a plain training step (an AMX Xeon in bf16, and in float32 restricted to
-    AVX2): off.
     """
     if device is not None and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=device is not None and device.type != "cpu")
-    torch.utils.deterministic.fill_uninitialized_memory = False
     if threads > 0:
         torch.set_num_threads(threads)
 
