@@ -16,6 +16,11 @@ channels_last, with glibc's malloc keeping freed memory as training does (the he
 it could not); the median of timed windows after a warm-up is reported, params.yaml's model
 first. `--markdown-out` appends the run (its command, header and table) to a Markdown file,
 so the measurements of several classes accumulate in one generated file.
+
+`--nan-fill-pairs N` adds params.yaml's model timed with deterministic mode's NaN fill of
+`torch.empty`'s tensors (torch.utils.deterministic.fill_uninitialized_memory, on under
+`configure_torch` as torch leaves it) on and off, in N interleaved pairs so the VM's drift falls
+on both: what turning it off in the pipeline would save on this class.
 """
 
 from __future__ import annotations
@@ -83,6 +88,34 @@ def seconds_per_step(make_model: Callable[[], nn.Module], backend: Backend, batc
     return statistics.median(times)
 
 
+def nan_fill_pairs(make_model: Callable[[], nn.Module], backend: Backend, batch: int,
+                   pairs: int, warmup: int, windows: int, steps: int) -> dict[bool, list[float]]:
+    """Seconds per step with the NaN fill on and off, pair by pair; the switch is restored."""
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(pairs):
+            for fill in (True, False):
+                torch.utils.deterministic.fill_uninitialized_memory = fill
+                times[fill].append(seconds_per_step(make_model, backend, batch, warmup,
+                                                    windows, steps))
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
+    return times
+
+
+def nan_fill_table(times: dict[bool, list[float]]) -> list[str]:
+    on = statistics.median(times[True])
+    lines = ["", f"params.yaml's model, deterministic mode's NaN fill on and off in "
+                 f"{len(times[True])} interleaved pairs:", "",
+             "| NaN fill | ms per step (median) | each pair | x fill on |", "|---|---:|---|---:|"]
+    for fill, label in ((True, "on (as configure_torch runs)"), (False, "off")):
+        median = statistics.median(times[fill])
+        each = ", ".join(f"{t * 1000:.1f}" for t in times[fill])
+        lines.append(f"| {label} | {median * 1000:.1f} | {each} | {median / on:.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", required=True,
@@ -92,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    parser.add_argument("--nan-fill-pairs", type=int, default=0,
+                        help="also time params.yaml's model with deterministic mode's NaN fill "
+                             "on and off, this many interleaved pairs")
     parser.add_argument("--markdown-out", type=Path,
                         help="append this run's command, header and table to this file")
     args = parser.parse_args(argv)
@@ -121,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
                      f"{batch / seconds:,.0f} | {seconds / base:.2f} |")
         print(lines[-1], flush=True)
+    if args.nan_fill_pairs > 0:
+        times = nan_fill_pairs(lambda: build_model(params["model"]), backend, batch,
+                               args.nan_fill_pairs, args.warmup, args.windows, args.steps)
+        table = nan_fill_table(times)
+        lines += table
+        print("\n".join(table), flush=True)
     if args.markdown_out is not None:
         command = " ".join(["python bench/step_cost.py", *(argv if argv is not None
                                                             else sys.argv[1:])])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from project_files import load_bench_script
 from torch import nn
 
@@ -82,3 +83,22 @@ def test_markdown_out_appends_each_run_with_its_command(monkeypatch: pytest.Monk
     assert text.count("| channels | ms per step |") == 2
     first, second = text.index("--channels 8/8"), text.index("--channels 4/4")
     assert first < text.index("| 8/8 |") < second < text.index("| 4/4 |")
+
+
+def test_nan_fill_pairs_interleave_on_and_off_and_restore_the_switch(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    seen: list[bool] = []
+
+    def fake_seconds(*_: Any) -> float:  # the fill on costs twice as much here
+        seen.append(torch.utils.deterministic.fill_uninitialized_memory)
+        return 2e-3 if seen[-1] else 1e-3
+
+    monkeypatch.setattr(step_cost, "seconds_per_step", fake_seconds)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    default = "/".join(map(str, DEFAULT))
+    assert step_cost.main(["--channels", default, "--nan-fill-pairs", "2"]) == 0
+    assert seen == [True, True, False, True, False]  # the widths table's step, then the pairs
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
+    rows = {r[0]: r for r in _table(capsys.readouterr().out) if r[0].startswith(("on", "off"))}
+    assert rows["on (as configure_torch runs)"][1:] == ["2.0", "2.0, 2.0", "1.000"]
+    assert rows["off"][1:] == ["1.0", "1.0, 1.0", "0.500"]
