@@ -90,12 +90,13 @@ def seconds_per_step(make_model: Callable[[], nn.Module], backend: Backend, batc
 
 def nan_fill_pairs(make_model: Callable[[], nn.Module], backend: Backend, batch: int,
                    pairs: int, warmup: int, windows: int, steps: int) -> dict[bool, list[float]]:
-    """Seconds per step with the NaN fill on and off, pair by pair; the switch is restored."""
+    """Seconds per step with the NaN fill on and off, pair by pair, the order alternating so
+    that drift within a pair falls on either side; the switch is restored."""
     before = torch.utils.deterministic.fill_uninitialized_memory
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
-        for _ in range(pairs):
-            for fill in (True, False):
+        for pair in range(pairs):
+            for fill in ((True, False) if pair % 2 == 0 else (False, True)):
                 torch.utils.deterministic.fill_uninitialized_memory = fill
                 times[fill].append(seconds_per_step(make_model, backend, batch, warmup,
                                                     windows, steps))
@@ -105,6 +106,7 @@ def nan_fill_pairs(make_model: Callable[[], nn.Module], backend: Backend, batch:
 
 
 def nan_fill_table(times: dict[bool, list[float]]) -> list[str]:
+    """Each side's median and pairs, then the pairs' own off/on ratios (what pairing buys)."""
     on = statistics.median(times[True])
     lines = ["", f"params.yaml's model, deterministic mode's NaN fill on and off in "
                  f"{len(times[True])} interleaved pairs:", "",
@@ -113,6 +115,9 @@ def nan_fill_table(times: dict[bool, list[float]]) -> list[str]:
         median = statistics.median(times[fill])
         each = ", ".join(f"{t * 1000:.1f}" for t in times[fill])
         lines.append(f"| {label} | {median * 1000:.1f} | {each} | {median / on:.3f} |")
+    ratios = [off / on for on, off in zip(times[True], times[False], strict=True)]
+    lines += ["", f"Off / on per pair: {', '.join(f'{r:.3f}' for r in ratios)} "
+                  f"(median {statistics.median(ratios):.3f})."]
     return lines
 
 
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown-out", type=Path,
                         help="append this run's command, header and table to this file")
     args = parser.parse_args(argv)
+    if args.nan_fill_pairs < 0:
+        parser.error(f"--nan-fill-pairs: expected 0 or more, got {args.nan_fill_pairs}")
     params = load_params(ROOT / "params.yaml")
     configure_torch(args.threads)
     kept = keep_freed_memory()

@@ -85,20 +85,48 @@ def test_markdown_out_appends_each_run_with_its_command(monkeypatch: pytest.Monk
     assert first < text.index("| 8/8 |") < second < text.index("| 4/4 |")
 
 
-def test_nan_fill_pairs_interleave_on_and_off_and_restore_the_switch(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    seen: list[bool] = []
+def test_nan_fill_pairs_alternate_on_and_off_and_restore_the_switch(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    seen: list[tuple[bool, list[int]]] = []
+    # ms: the widths table 9 and 9, then on 2 off 1, off 2 on 4, on 3 off 6
+    costs = iter([9e-3, 9e-3, 2e-3, 1e-3, 2e-3, 4e-3, 3e-3, 6e-3])
 
-    def fake_seconds(*_: Any) -> float:  # the fill on costs twice as much here
-        seen.append(torch.utils.deterministic.fill_uninitialized_memory)
-        return 2e-3 if seen[-1] else 1e-3
+    def fake_seconds(make_model: Any, *_: Any) -> float:
+        seen.append((torch.utils.deterministic.fill_uninitialized_memory, _widths(make_model)))
+        return next(costs)
 
     monkeypatch.setattr(step_cost, "seconds_per_step", fake_seconds)
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
-    default = "/".join(map(str, DEFAULT))
-    assert step_cost.main(["--channels", default, "--nan-fill-pairs", "2"]) == 0
-    assert seen == [True, True, False, True, False]  # the widths table's step, then the pairs
+    out = tmp_path / "step_cost.md"
+    assert step_cost.main(["--channels", "8/8", "--nan-fill-pairs", "3",
+                           "--markdown-out", str(out)]) == 0
+    # the widths table (params.yaml's model, then 8/8), then params.yaml's model in pairs
+    assert [fill for fill, _ in seen[2:]] == [True, False, False, True, True, False]
+    assert [widths for _, widths in seen] == [DEFAULT, [8, 8]] + [DEFAULT] * 6
     assert torch.utils.deterministic.fill_uninitialized_memory is True
-    rows = {r[0]: r for r in _table(capsys.readouterr().out) if r[0].startswith(("on", "off"))}
-    assert rows["on (as configure_torch runs)"][1:] == ["2.0", "2.0, 2.0", "1.000"]
-    assert rows["off"][1:] == ["1.0", "1.0, 1.0", "0.500"]
+    printed = capsys.readouterr().out
+    rows = {r[0]: r for r in _table(printed) if r[0].startswith(("on", "off"))}
+    assert rows["on (as configure_torch runs)"][1:] == ["3.0", "2.0, 4.0, 3.0", "1.000"]
+    assert rows["off"][1:] == ["2.0", "1.0, 2.0, 6.0", "0.667"]
+    assert "Off / on per pair: 0.500, 0.500, 2.000 (median 0.500)." in printed
+    assert out.read_text().count("| NaN fill |") == 1
+
+
+def test_nan_fill_pairs_restore_the_switch_when_a_step_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = iter([1e-3, 1e-3])
+
+    def fails_third(*_: Any) -> float:
+        return next(calls)  # StopIteration on the third call: the second pair's "off" step
+
+    monkeypatch.setattr(step_cost, "seconds_per_step", fails_third)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    with pytest.raises(StopIteration):
+        step_cost.nan_fill_pairs(lambda: None, None, 8, 2, 1, 1, 1)  # type: ignore[arg-type]
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
+
+
+def test_negative_nan_fill_pairs_is_a_one_line_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        step_cost.main(["--channels", "8/8", "--nan-fill-pairs", "-1"])
+    assert "--nan-fill-pairs: expected 0 or more, got -1" in capsys.readouterr().err
