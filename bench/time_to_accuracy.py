@@ -72,9 +72,8 @@ WIDE_HEAD = {"channels": [32, 32, 64, 128], "convs_per_block": 2}
 LARGE_DEEP = {"channels": [32, 64, 128, 256], "convs_per_block": 2}
 CROP_2 = {"augment": {"flip": True, "crop_padding": 2}}
 FLIP_ONLY = {"augment": {"flip": True, "crop_padding": 0}}
-# late-r16's and late-n16's changes together: flips only, no dropout, weight decay 2.5e-4
-LESS_REG_MODEL = {"dropout": 0.0}
-LESS_REG_TRAIN = {**FLIP_ONLY, "weight_decay": 2.5e-4}
+NO_DROPOUT = {"dropout": 0.0}
+HALF_WEIGHT_DECAY = {"weight_decay": 2.5e-4}
 
 
 @dataclass(frozen=True)
@@ -117,23 +116,25 @@ RECIPES = {
     "late-q16": Recipe("16/32/64/128 x2 (4 blocks), batch 64 (twice the steps), 16 epochs, SAM in "
                        "the last quarter, EMA", SMALL_DEEP, {**_late(16, 0.75), "batch_size": 64}),
     "late-r16": Recipe("16/32/64/128 x2 (4 blocks), no dropout, weight decay 2.5e-4, 16 epochs, "
-                       "SAM in the last quarter, EMA", {**SMALL_DEEP, "dropout": 0.0},
-                       {**_late(16, 0.75), "weight_decay": 2.5e-4}),
+                       "SAM in the last quarter, EMA", {**SMALL_DEEP, **NO_DROPOUT},
+                       {**_late(16, 0.75), **HALF_WEIGHT_DECAY}),
     "late-t16": Recipe("16/32/64/128 x2 (4 blocks), flips only, no dropout, weight decay 2.5e-4, "
-                       "16 epochs, SAM in the last quarter, EMA", {**SMALL_DEEP, **LESS_REG_MODEL},
-                       {**_late(16, 0.75), **LESS_REG_TRAIN}),
+                       "16 epochs, SAM in the last quarter, EMA", {**SMALL_DEEP, **NO_DROPOUT},
+                       {**_late(16, 0.75), **FLIP_ONLY, **HALF_WEIGHT_DECAY}),
     "late-j16": Recipe("16/48/96/192 x2 (4 blocks, wider from 14x14 on), 16 epochs, SAM in the "
                        "last quarter, EMA", WIDE_MIDDLE, _late(16, 0.75)),
     "late-k16": Recipe("16/48/96/192 x2 (4 blocks, wider from 14x14 on), flips only, no dropout, "
                        "weight decay 2.5e-4, 16 epochs, SAM in the last quarter, EMA",
-                       {**WIDE_MIDDLE, **LESS_REG_MODEL}, {**_late(16, 0.75), **LESS_REG_TRAIN}),
+                       {**WIDE_MIDDLE, **NO_DROPOUT},
+                       {**_late(16, 0.75), **FLIP_ONLY, **HALF_WEIGHT_DECAY}),
     "late-m16": Recipe("32/32/64/128 x2 (4 blocks, wider at 28x28), 16 epochs, SAM in the last "
                        "quarter, EMA", WIDE_HEAD, _late(16, 0.75)),
     "late-h16": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 16 epochs, SAM "
                        "in the last quarter, EMA", LARGE_DEEP, _late(16, 0.75)),
     "late-w16": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), flips only, no "
                        "dropout, weight decay 2.5e-4, 16 epochs, SAM in the last quarter, EMA",
-                       {**LARGE_DEEP, **LESS_REG_MODEL}, {**_late(16, 0.75), **LESS_REG_TRAIN}),
+                       {**LARGE_DEEP, **NO_DROPOUT},
+                       {**_late(16, 0.75), **FLIP_ONLY, **HALF_WEIGHT_DECAY}),
     "late-h12": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 12 epochs, SAM in "
                        "the last quarter, EMA", LARGE_DEEP, _late(12, 0.75)),
     "late-h8": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), 8 epochs, SAM in "
