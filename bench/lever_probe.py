@@ -15,17 +15,22 @@ budgets, 16/48/96/192 with flips only, no dropout, weight decay 2.5e-4):
   gains on Fashion-MNIST);
 - `no-decay`: no weight decay on BatchNorm's weights and biases or on layer biases (ndim <= 1),
   the recipe's on every conv and linear weight ("bag of tricks", He et al. 2019);
-- `alt-flips`: the first epoch flips at random, every later epoch flips exactly the images it
-  did not flip the epoch before (the CIFAR-10 speedruns' alternating flips); an image's own bit
-  is the parity of its pixel sum, which flips do not change, so it needs a recipe without crops;
-- `train.KEY=VALUE`: params.yaml's train.KEY set to VALUE (YAML), validated like params.yaml.
+- `alt-flips`: the first epoch flips at random; from the second on, an image is flipped when
+  its own bit XOR the epoch's parity is 1, so it alternates from then on (between the first and
+  second epoch it keeps or changes at random; the CIFAR-10 speedruns alternate from the first).
+  An image's own bit is the parity of its pixel sum, which flips do not change, so it needs a
+  recipe that flips and does not crop;
+- `train.KEY=VALUE`: params.yaml's train.KEY set to VALUE (YAML), validated like params.yaml
+  (not the run settings threads, device, compile and distributed).
 Each run is `time_to_accuracy.run_one` (the train stage's own `fit`) with `fmnist.train`'s
 `augment_batch` or `build_optimizer` swapped while it runs, so the library stays unchanged
 until a lever earns a param.
 
 Runs go to bench/results/lever_probe.json as each ends (keyed like time_to_accuracy's, plus
-the lever), so the probe resumes. The table (lever_probe.md) pairs each seed with
-time_to_accuracy.json's run of the same recipe, CPU class, dtype, threads and seed.
+the lever's spec: its name and settings, or the override's key and value), so the probe
+resumes, and a lever whose settings change is a new lever. The table (lever_probe.md) pairs
+each seed with time_to_accuracy.json's run of the same recipe, CPU class, dtype, threads and
+seed.
 """
 
 from __future__ import annotations
@@ -66,7 +71,14 @@ LEVERS = {
     "no-decay": "no weight decay on BatchNorm and biases",
     "alt-flips": "alternating flips after the first epoch",
 }
+# What a named lever's runs are keyed and grouped by: bump it when the lever's code changes.
+LEVER_SPECS = {
+    "cutout": f"cutout:{CUTOUT_SIZE}x{CUTOUT_SIZE}:p{CUTOUT_PROBABILITY}",
+    "no-decay": "no-decay:ndim<=1",
+    "alt-flips": "alt-flips:pixel-sum-parity-xor-epoch,random-first-epoch",
+}
 OVERRIDE_PREFIX = "train."
+RUN_SETTINGS = ("threads", "device", "compile", "distributed")  # not a recipe's to change
 
 
 def cutout(x: torch.Tensor, generator: torch.Generator, size: int = CUTOUT_SIZE,
@@ -128,6 +140,15 @@ def parse_override(lever: str) -> tuple[str, Any] | None:
     return key, yaml.safe_load(value)
 
 
+def lever_spec(lever: str) -> str:
+    """One spelling per lever and setting: `train.rho=.1` is `train.rho=0.1`."""
+    override = parse_override(lever)
+    if override is None:
+        return LEVER_SPECS[lever]
+    key, value = override
+    return f"{OVERRIDE_PREFIX}{key}={json.dumps(value, sort_keys=True)}"
+
+
 def check_levers(levers: list[str]) -> None:
     for lever in levers:
         if lever not in LEVERS and parse_override(lever) is None:
@@ -140,17 +161,20 @@ def lever_params(base: dict[str, Any], recipe: str, seed: int, lever: str) -> di
     override = parse_override(lever)
     if override is not None:
         key, value = override
-        if key not in params["train"]:
-            raise SystemExit(f"lever_probe: lever {lever!r}: params.yaml has no train.{key}")
+        if key not in params["train"] or key in RUN_SETTINGS:
+            reason = "a run setting" if key in RUN_SETTINGS else "not in params.yaml"
+            raise SystemExit(f"lever_probe: lever {lever!r}: train.{key} is {reason}")
         params = copy.deepcopy(params)
         params["train"][key] = value
         try:
             params = validate(params, f"lever_probe: lever {lever!r}")
         except ParamsError as error:
             raise SystemExit(str(error)) from None
-    elif lever == "alt-flips" and params["train"]["augment"]["crop_padding"]:
-        raise SystemExit(f"lever_probe: alt-flips needs a recipe without crops ({recipe} crops: "
-                         "the pixel sum that keys an image would change)")
+    elif lever == "alt-flips" and (params["train"]["augment"]["crop_padding"]
+                                   or not params["train"]["augment"]["flip"]):
+        raise SystemExit(f"lever_probe: alt-flips needs a recipe that flips and does not crop "
+                         f"({recipe}: {params['train']['augment']}; a crop would change the "
+                         "pixel sum that keys an image)")
     return params
 
 
@@ -176,7 +200,7 @@ def applying(lever: str, params: dict[str, Any], train_images: int) -> Iterator[
 
 
 def lever_key(run: dict[str, Any]) -> str:
-    return f"{tta.run_key(run)}|{run['lever']}"
+    return f"{tta.run_key(run)}|{run['lever_spec']}"
 
 
 def pairing_key(run: dict[str, Any]) -> tuple[str, str, str, str, int, int]:
@@ -185,16 +209,17 @@ def pairing_key(run: dict[str, Any]) -> tuple[str, str, str, str, int, int]:
             run.get("base_recipe_hash", run["recipe_hash"]), run["threads"], run["seed"])
 
 
-def describe(lever: str) -> str:
-    return LEVERS.get(lever, lever)
+def describe(run: dict[str, Any]) -> str:
+    return LEVERS.get(run["lever"], run["lever_spec"])
 
 
 def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
     """Lever rows, each paired by seed with time_to_accuracy's run of its recipe."""
     recipe_acc = {pairing_key(r): r for r in baseline if r.get("test_acc_flip_tta") is not None}
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        key = (tta.class_label(run), run["dtype"], run["recipe"], run["lever"])
+        key = (tta.class_label(run), run["dtype"], run["recipe"],
+               run.get("base_recipe_hash", run["recipe_hash"]), run["lever_spec"])
         groups.setdefault(key, []).append(run)
     lines = [
         "# Training-lever probe",
@@ -204,13 +229,14 @@ def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
         "the float32 model on the 10,000 test images with flip TTA (`plain`: without it); "
         "paired: the lever minus time_to_accuracy.json's run of the same recipe, CPU class, "
         "dtype, threads and seed (flip TTA; plain in brackets). One seed is no evidence of a "
-        "gain: the recipes' standard deviations over 3 seeds are 0.03-0.23 points.",
+        "gain: the 3-seed recipes' standard deviations in time_to_accuracy.md are 0.02-0.23 "
+        "points (0.03-0.13 on AMX in bf16).",
         "",
         "| CPU class | dtype | recipe | lever | seeds | test acc mean (min) | plain | "
         "paired with the recipe | train s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for (label, dtype, recipe, lever), group in sorted(groups.items()):
+    for (label, dtype, recipe, _, _), group in sorted(groups.items()):
         accs = [r["test_acc_flip_tta"] for r in group]
         plain = statistics.fmean(r["test_acc"] for r in group)
         pairs = [(r, recipe_acc[pairing_key(r)]) for r in group if pairing_key(r) in recipe_acc]
@@ -225,7 +251,7 @@ def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
         seconds = [r["train_seconds"] for r in group]
         low, high = f"{min(seconds):.0f}", f"{max(seconds):.0f}"
         lines.append(
-            f"| {label} | {dtype} | {recipe} | {describe(lever)} | {len(group)} | "
+            f"| {label} | {dtype} | {recipe} | {describe(group[0])} | {len(group)} | "
             f"{statistics.fmean(accs):.2%} ({min(accs):.2%}) | {plain:.2%} | {paired} | "
             f"{low if low == high else f'{low}-{high}'} |")
     return "\n".join(lines) + "\n"
@@ -262,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     data = None
     for lever, seed, params in planned:
         if lever_key({**tta.planned_run(args.recipe, params, dtype, args.threads),
-                      "lever": lever}) in done:
+                      "lever_spec": lever_spec(lever)}) in done:
             continue
         data = data or load_prepared(args.data)
         print(f"lever_probe: {args.recipe} + {lever}, seed {seed} ({cpu_class()}, {dtype})",
@@ -270,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         with applying(lever, params, len(data.train.labels)):
             run = tta.run_one(data, params, args.recipe)
         recipe_only = tta.recipe_params(base, tta.RECIPES[args.recipe], seed)
-        runs.append({**run, "lever": lever, "base_recipe_hash": tta.recipe_hash(recipe_only)})
+        runs.append({**run, "lever": lever, "lever_spec": lever_spec(lever),
+                     "base_recipe_hash": tta.recipe_hash(recipe_only)})
         write_json(store, {"runs": runs})
         print(f"lever_probe: {lever} seed {seed}: test {run['test_acc_flip_tta']:.4f} "
               f"(plain {run['test_acc']:.4f}) in {run['train_seconds']:.0f} s",

@@ -75,6 +75,20 @@ def test_alternating_flips_flip_each_image_every_other_epoch_after_a_random_firs
     assert 0 < int(flipped[steps].sum()) < 8
 
 
+def test_applying_alt_flips_counts_epochs_in_the_recipes_batches() -> None:
+    params = _tiny_params()  # batch 32: 64 training images are 2 steps, 70 are 3
+    x = _images(8)
+    own_bit = (x.sum(dim=(1, 2, 3)).long() % 2).bool()
+    generator = torch.Generator().manual_seed(0)
+    for images, steps in ((64, 2), (70, 3)):
+        with probe.applying("alt-flips", params, images):
+            flips = [torch.all(train_module.augment_batch(
+                x, flip=True, crop_padding=0, generator=generator) == x.flip(3), dim=(1, 2, 3))
+                for _ in range(3 * steps)]
+        for step in range(steps, 3 * steps):  # epochs 1 and 2
+            assert torch.equal(flips[step], own_bit ^ bool(step // steps % 2))
+
+
 def test_no_decay_exempts_exactly_batchnorm_and_biases() -> None:
     model = build_model({**PARAMS["model"], "channels": [2, 3], "hidden": 5})
     train = {**PARAMS["train"], "weight_decay": 1e-3}
@@ -101,6 +115,7 @@ def _tiny_params() -> dict[str, Any]:
 
 def test_fit_trains_with_the_lever_only_inside_applying() -> None:
     params = _tiny_params()
+    params["train"]["weight_decay"] = 0.05  # large enough to show on BatchNorm's weights
     originals = (train_module.augment_batch, train_module.build_optimizer)
     plain = fit(DATA, params, progress=False).model.state_dict()
     with probe.applying("cutout", params, len(DATA.train.labels)):
@@ -110,6 +125,10 @@ def test_fit_trains_with_the_lever_only_inside_applying() -> None:
     assert not torch.equal(plain["features.0.weight"], cut["features.0.weight"])
     again = fit(DATA, params, progress=False).model.state_dict()
     assert torch.equal(plain["features.0.weight"], again["features.0.weight"])
+    with probe.applying("no-decay", params, len(DATA.train.labels)):
+        exempt = fit(DATA, params, progress=False).model.state_dict()
+    batch_norm_weight = "features.1.weight"
+    assert not torch.equal(plain[batch_norm_weight], exempt[batch_norm_weight])
     with pytest.raises(RuntimeError), probe.applying("no-decay", params, 64):
         assert train_module.build_optimizer is probe.build_optimizer_without_norm_decay
         raise RuntimeError
@@ -125,7 +144,8 @@ def test_an_override_lever_sets_and_validates_one_train_key() -> None:
 
 
 @pytest.mark.parametrize(("lever", "message"), [
-    ("train.nope=1", "params.yaml has no train.nope"),
+    ("train.nope=1", "train.nope is not in params.yaml"),
+    ("train.threads=1", "train.threads is a run setting"),
     ("train.rho=-1", "lever 'train.rho=-1'"),
     ("train.rho", "expected train.KEY=VALUE"),
 ])
@@ -135,10 +155,21 @@ def test_a_bad_override_is_a_one_line_error(lever: str, message: str) -> None:
 
 
 def test_alternating_flips_refuse_a_recipe_with_crops_and_unknown_levers_fail_early() -> None:
-    with pytest.raises(SystemExit, match="needs a recipe without crops"):
+    with pytest.raises(SystemExit, match="needs a recipe that flips and does not crop"):
         probe.lever_params(PARAMS, "late-e16", 0, "alt-flips")
+    no_flips = copy.deepcopy(PARAMS)
+    no_flips["train"]["augment"] = {"flip": False, "crop_padding": 0}
+    with pytest.raises(SystemExit, match="needs a recipe that flips"):
+        probe.lever_params(no_flips, "late-e16", 0, "alt-flips")
     with pytest.raises(SystemExit, match="unknown lever 'mixup'"):
         probe.parse_args(["--levers", "cutout,mixup"])
+
+
+def test_a_lever_is_keyed_by_its_settings() -> None:
+    assert probe.lever_spec("train.rho=.1") == probe.lever_spec("train.rho=0.1")
+    assert probe.lever_spec("cutout") == f"cutout:{probe.CUTOUT_SIZE}x{probe.CUTOUT_SIZE}:" \
+        f"p{probe.CUTOUT_PROBABILITY}"
+    assert len({probe.lever_spec(lever) for lever in probe.LEVERS}) == len(probe.LEVERS)
 
 
 def _run(seed: int, acc: float, **extra: Any) -> dict[str, Any]:
@@ -149,8 +180,12 @@ def _run(seed: int, acc: float, **extra: Any) -> dict[str, Any]:
 
 
 def test_summary_pairs_each_seed_with_its_recipes_run() -> None:
-    runs = [_run(0, 0.9410, lever="cutout"), _run(1, 0.9420, lever="cutout"),
-            _run(0, 0.9450, lever="train.rho=0.1", recipe_hash="h2", base_recipe_hash="h")]
+    cutout = {"lever": "cutout", "lever_spec": probe.lever_spec("cutout")}
+    rho = {"lever": "train.rho=.1", "lever_spec": "train.rho=0.1"}
+    runs = [_run(0, 0.9410, **cutout), _run(1, 0.9420, **cutout),
+            _run(0, 0.9450, **rho, recipe_hash="h2", base_recipe_hash="h"),
+            # another version of the recipe: a row of its own
+            _run(1, 0.9000, **cutout, recipe_hash="v2")]
     baseline = [_run(0, 0.9400), _run(1, 0.9390), _run(2, 0.9000),
                 # not pairs: another class, dtype, recipe, recipe hash or thread count
                 _run(0, 0.5, cpu_class="AVX2"), _run(0, 0.5, dtype="float32"),
@@ -162,6 +197,7 @@ def test_summary_pairs_each_seed_with_its_recipes_run() -> None:
     assert cells[4:] == ["2", "94.15% (94.10%)", "93.85%", "+0.20 (+0.20), 2 seeds", "100-101"]
     rho = next(line for line in lines if "| train.rho=0.1 |" in line)
     assert rho.endswith("| +0.50 (+0.50), 1 seed | 100 |")
+    assert sum("| cutout 10x10" in line for line in lines) == 2
 
 
 def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
@@ -184,11 +220,15 @@ def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
     assert trained == [("late-k16", 0, True), ("late-k16", 1, True)]
     assert probe.main(["--levers", "cutout,train.rho=0.1", "--seeds", "1,2", *files]) == 0
     assert trained[2:] == [("late-k16", 2, True), ("late-k16", 1, False), ("late-k16", 2, False)]
+    # same recipe hash and seed as a stored cutout run, another lever: trained, not skipped
+    assert probe.main(["--levers", "no-decay,train.rho=.1", "--seeds", "1", *files]) == 0
+    assert trained[5:] == [("late-k16", 1, False)]
     runs = json.loads(store.read_text())["runs"]
     assert [(r["lever"], r["seed"]) for r in runs] == [
-        ("cutout", 0), ("cutout", 1), ("cutout", 2), ("train.rho=0.1", 1), ("train.rho=0.1", 2)]
-    assert runs[-1]["recipe_hash"] != runs[-1]["base_recipe_hash"] == runs[0]["recipe_hash"]
+        ("cutout", 0), ("cutout", 1), ("cutout", 2), ("train.rho=0.1", 1), ("train.rho=0.1", 2),
+        ("no-decay", 1)]
+    assert runs[-2]["recipe_hash"] != runs[-2]["base_recipe_hash"] == runs[0]["recipe_hash"]
     assert "| train.rho=0.1 |" in table.read_text()
-    with pytest.raises(SystemExit, match="no train.nope"):  # before any run starts
+    with pytest.raises(SystemExit, match="train.nope is not"):  # before any run starts
         probe.main(["--levers", "cutout,train.nope=1", "--seeds", "3", *files])
-    assert len(trained) == 5
+    assert len(trained) == 6
