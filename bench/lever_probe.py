@@ -21,7 +21,8 @@ budgets, 16/48/96/192 with flips only, no dropout, weight decay 2.5e-4):
   An image's own bit is the parity of its pixel sum, which flips do not change, so it needs a
   recipe that flips and does not crop;
 - `train.KEY=VALUE`: params.yaml's train.KEY set to VALUE (YAML), validated like params.yaml
-  (not the run settings threads, device, compile and distributed).
+  (not the run settings threads, device, compile and distributed; `--levers` splits on commas,
+  so a VALUE cannot hold one).
 Each run is `time_to_accuracy.run_one` (the train stage's own `fit`) with `fmnist.train`'s
 `augment_batch` or `build_optimizer` swapped while it runs, so the library stays unchanged
 until a lever earns a param.
@@ -210,7 +211,14 @@ def pairing_key(run: dict[str, Any]) -> tuple[str, str, str, str, int, int]:
 
 
 def describe(run: dict[str, Any]) -> str:
-    return LEVERS.get(run["lever"], run["lever_spec"])
+    """LEVERS' words for a run of the lever's current settings, else the stored spec."""
+    if LEVER_SPECS.get(run["lever"]) == run["lever_spec"]:
+        return LEVERS[run["lever"]]
+    return run["lever_spec"]
+
+
+def base_hash(run: dict[str, Any]) -> str:
+    return run.get("base_recipe_hash", run["recipe_hash"])
 
 
 def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
@@ -218,9 +226,12 @@ def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
     recipe_acc = {pairing_key(r): r for r in baseline if r.get("test_acc_flip_tta") is not None}
     groups: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        key = (tta.class_label(run), run["dtype"], run["recipe"],
-               run.get("base_recipe_hash", run["recipe_hash"]), run["lever_spec"])
+        key = (tta.class_label(run), run["dtype"], run["recipe"], base_hash(run),
+               run["lever_spec"])
         groups.setdefault(key, []).append(run)
+    versions: dict[str, set[str]] = {}
+    for run in runs:
+        versions.setdefault(run["recipe"], set()).add(base_hash(run))
     lines = [
         "# Training-lever probe",
         "",
@@ -229,14 +240,15 @@ def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
         "the float32 model on the 10,000 test images with flip TTA (`plain`: without it); "
         "paired: the lever minus time_to_accuracy.json's run of the same recipe, CPU class, "
         "dtype, threads and seed (flip TTA; plain in brackets). One seed is no evidence of a "
-        "gain: the 3-seed recipes' standard deviations in time_to_accuracy.md are 0.02-0.23 "
-        "points (0.03-0.13 on AMX in bf16).",
+        "gain: compare with the recipe's spread over seeds in time_to_accuracy.md. A recipe "
+        "run at more than one version (params.yaml or the recipe changed) names its hash.",
         "",
         "| CPU class | dtype | recipe | lever | seeds | test acc mean (min) | plain | "
         "paired with the recipe | train s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for (label, dtype, recipe, _, _), group in sorted(groups.items()):
+    for (label, dtype, recipe, version, _), group in sorted(groups.items()):
+        named = recipe if len(versions[recipe]) == 1 else f"{recipe} ({version})"
         accs = [r["test_acc_flip_tta"] for r in group]
         plain = statistics.fmean(r["test_acc"] for r in group)
         pairs = [(r, recipe_acc[pairing_key(r)]) for r in group if pairing_key(r) in recipe_acc]
@@ -251,7 +263,7 @@ def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
         seconds = [r["train_seconds"] for r in group]
         low, high = f"{min(seconds):.0f}", f"{max(seconds):.0f}"
         lines.append(
-            f"| {label} | {dtype} | {recipe} | {describe(group[0])} | {len(group)} | "
+            f"| {label} | {dtype} | {named} | {describe(group[0])} | {len(group)} | "
             f"{statistics.fmean(accs):.2%} ({min(accs):.2%}) | {plain:.2%} | {paired} | "
             f"{low if low == high else f'{low}-{high}'} |")
     return "\n".join(lines) + "\n"
@@ -268,9 +280,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=str(tta.RESULTS / "lever_probe.json"))
     parser.add_argument("--markdown", default=str(tta.RESULTS / "lever_probe.md"))
     args = parser.parse_args(argv)
-    args.levers = list(dict.fromkeys(lever.strip() for lever in args.levers.split(",")
-                                     if lever.strip()))
-    check_levers(args.levers)
+    levers = [lever.strip() for lever in args.levers.split(",") if lever.strip()]
+    check_levers(levers)
+    by_spec: dict[str, str] = {}
+    for lever in levers:  # one run per setting: train.rho=.1 is train.rho=0.1
+        by_spec.setdefault(lever_spec(lever), lever)
+    args.levers = list(by_spec.values())
     return args
 
 

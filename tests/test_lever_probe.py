@@ -197,7 +197,10 @@ def test_summary_pairs_each_seed_with_its_recipes_run() -> None:
     assert cells[4:] == ["2", "94.15% (94.10%)", "93.85%", "+0.20 (+0.20), 2 seeds", "100-101"]
     rho = next(line for line in lines if "| train.rho=0.1 |" in line)
     assert rho.endswith("| +0.50 (+0.50), 1 seed | 100 |")
-    assert sum("| cutout 10x10" in line for line in lines) == 2
+    versions = [line for line in lines if "| cutout 10x10" in line]
+    assert [line.split("|")[3].strip() for line in versions] == ["late-k16 (h)", "late-k16 (v2)"]
+    stale = probe.summary([_run(0, 0.9, lever="cutout", lever_spec="cutout:8x8:p1.0")], [])
+    assert "| cutout:8x8:p1.0 |" in stale
 
 
 def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
@@ -222,6 +225,8 @@ def test_main_resumes_past_stored_runs(monkeypatch: pytest.MonkeyPatch,
     assert trained[2:] == [("late-k16", 2, True), ("late-k16", 1, False), ("late-k16", 2, False)]
     # same recipe hash and seed as a stored cutout run, another lever: trained, not skipped
     assert probe.main(["--levers", "no-decay,train.rho=.1", "--seeds", "1", *files]) == 0
+    assert probe.parse_args(["--levers", "train.rho=.1,train.rho=0.1,cutout"]).levers == [
+        "train.rho=.1", "cutout"]
     assert trained[5:] == [("late-k16", 1, False)]
     runs = json.loads(store.read_text())["runs"]
     assert [(r["lever"], r["seed"]) for r in runs] == [
