@@ -204,10 +204,15 @@ def lever_key(run: dict[str, Any]) -> str:
     return f"{tta.run_key(run)}|{run['lever_spec']}"
 
 
+def base_hash(run: dict[str, Any]) -> str:
+    """The recipe's hash without the lever (time_to_accuracy's runs have no lever)."""
+    return run.get("base_recipe_hash", run["recipe_hash"])
+
+
 def pairing_key(run: dict[str, Any]) -> tuple[str, str, str, str, int, int]:
-    """The recipe itself (its hash without the lever), on one class, dtype, threads, seed."""
-    return (tta.class_label(run), run["dtype"], run["recipe"],
-            run.get("base_recipe_hash", run["recipe_hash"]), run["threads"], run["seed"])
+    """The recipe itself, on one class, dtype, threads and seed."""
+    return (tta.class_label(run), run["dtype"], run["recipe"], base_hash(run), run["threads"],
+            run["seed"])
 
 
 def describe(run: dict[str, Any]) -> str:
@@ -217,20 +222,15 @@ def describe(run: dict[str, Any]) -> str:
     return run["lever_spec"]
 
 
-def base_hash(run: dict[str, Any]) -> str:
-    return run.get("base_recipe_hash", run["recipe_hash"])
-
-
 def summary(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
     """Lever rows, each paired by seed with time_to_accuracy's run of its recipe."""
     recipe_acc = {pairing_key(r): r for r in baseline if r.get("test_acc_flip_tta") is not None}
     groups: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = {}
+    versions: dict[str, set[str]] = {}
     for run in runs:
         key = (tta.class_label(run), run["dtype"], run["recipe"], base_hash(run),
                run["lever_spec"])
         groups.setdefault(key, []).append(run)
-    versions: dict[str, set[str]] = {}
-    for run in runs:
         versions.setdefault(run["recipe"], set()).add(base_hash(run))
     lines = [
         "# Training-lever probe",
