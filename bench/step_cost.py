@@ -18,9 +18,10 @@ first. `--markdown-out` appends the run (its command, header and table) to a Mar
 so the measurements of several classes accumulate in one generated file.
 
 `--nan-fill-pairs N` adds params.yaml's model timed with deterministic mode's NaN fill of
-`torch.empty`'s tensors (torch.utils.deterministic.fill_uninitialized_memory, on under
-`configure_torch` as torch leaves it) on and off, in N interleaved pairs so the VM's drift falls
-on both: what turning it off in the pipeline would save on this class.
+`torch.empty`'s tensors (torch.utils.deterministic.fill_uninitialized_memory: torch turns it on
+with deterministic mode; `configure_torch` turns it off on a CPU since 2026-12-05) on and off,
+in N interleaved pairs so the VM's drift falls on both: what turning it off saves on this class.
+The header says whether the widths table ran with it on or off.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def nan_fill_table(times: dict[bool, list[float]]) -> list[str]:
     lines = ["", f"params.yaml's model, deterministic mode's NaN fill on and off in "
                  f"{len(times[True])} interleaved pairs:", "",
              "| NaN fill | ms per step (median) | each pair | x fill on |", "|---|---:|---|---:|"]
-    for fill, label in ((True, "on (as configure_torch runs)"), (False, "off")):
+    for fill, label in ((True, "on"), (False, "off")):
         median = statistics.median(times[fill])
         each = ", ".join(f"{t * 1000:.1f}" for t in times[fill])
         lines.append(f"| {label} | {median * 1000:.1f} | {each} | {median / on:.3f} |")
@@ -148,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     models = [default, *[list(m) for m in dict.fromkeys(map(tuple, requested))]]
     limit = isa_limit()
     malloc = "glibc malloc keeps freed memory" if kept else "malloc as it is (not glibc's, or set)"
+    fill = "on" if torch.utils.deterministic.fill_uninitialized_memory else "off"
     lines = [f"CPU class {cpu_class()}{' (' + limit + ')' if limit else ''}, "
              f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}, "
-             f"{malloc}, torch {torch.__version__}: plain SGD step, median of windows", "",
+             f"{malloc}, NaN fill {fill}, torch {torch.__version__}: plain SGD step, "
+             "median of windows", "",
              "| channels | ms per step | images/s | x params.yaml's model |",
              "|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)

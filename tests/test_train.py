@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fmnist import allocator
+from fmnist import train as train_module
 from fmnist.accel import cpu_class, select_backend
 from fmnist.checkpoint import load_checkpoint
 from fmnist.constants import CLASS_NAMES
@@ -27,6 +28,7 @@ from fmnist.data import Prepared, Split
 from fmnist.model import build_model
 from fmnist.modelfile import read_model_file
 from fmnist.params import load_params
+from fmnist.reproducibility import configure_torch
 from fmnist.train import build_optimizer, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +91,44 @@ def test_rerun_gives_bit_identical_weights_and_metrics() -> None:
     assert _same_weights(a.model, b.model)
     assert _quality(a.history) == _quality(b.history)
     assert a.metrics == b.metrics
+
+
+def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # deterministic mode fills every new tensor with NaN: a debugging aid, slow, changes no result
+    configure = train_module.configure_torch
+
+    def configure_with_fill(*args: Any, **kwargs: Any) -> None:
+        configure(*args, **kwargs)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        assert torch.empty(4).isnan().all()  # the fill is really on
+
+    params = tiny_params(epochs=3, ema_decay=0.9, sam_start=0.5)
+    default = fit(DATA, params, progress=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
+    monkeypatch.setattr(train_module, "configure_torch", configure_with_fill)
+    try:
+        filled = fit(DATA, params, progress=False)
+    finally:
+        configure(1)
+    assert _same_weights(default.model, filled.model)
+    assert _quality(default.history) == _quality(filled.history)
+    assert default.metrics == filled.metrics
+
+
+def test_configure_torch_keeps_the_nan_fill_off_the_cpu() -> None:
+    try:
+        configure_torch(1, torch.device("meta"))  # any accelerator: torch's own settings
+        assert torch.utils.deterministic.fill_uninitialized_memory is True
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        configure_torch(1, torch.device("cpu"))
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        configure_torch(1)
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
 
 
 def test_scoring_fewer_epochs_skips_their_validation_and_changes_nothing_else() -> None:

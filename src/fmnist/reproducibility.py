@@ -26,10 +26,16 @@ def configure_torch(threads: int, device: torch.device | None = None) -> None:
 
     warn_only: the CPU kernels this model uses are deterministic; on an accelerator an op
     without a deterministic kernel warns instead of stopping the run.
+    On a CPU, deterministic mode's NaN fill of every new tensor is off: a debugging aid that
+    changes no weight (every kernel writes its output before reading it; tests/test_train.py
+    checks it) and costs 5-7% of a plain training step (bench/results/step_cost.md). On an
+    accelerator it stays on, as torch sets it.
     """
+    on_cpu = device is None or device.type == "cpu"
     if device is not None and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=device is not None and device.type != "cpu")
+    torch.use_deterministic_algorithms(True, warn_only=not on_cpu)
+    torch.utils.deterministic.fill_uninitialized_memory = not on_cpu
     if threads > 0:
         torch.set_num_threads(threads)
 
