@@ -290,6 +290,10 @@ def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
         "cpu_class": cpu_class(),
         "isa_limit": isa_limit(),
         "allocator": ALLOCATOR_KEPT if keep_freed_memory() else ALLOCATOR_DEFAULT,
+        # deterministic mode's NaN fill as fit left it (configure_torch: off on a CPU since
+        # 2026-12-05; runs without the field ran with it on; the four AMX runs that ran with it
+        # off before the field existed, late-e16's and late-x16's seeds 3-4, were given it)
+        "nan_fill": bool(torch.utils.deterministic.fill_uninitialized_memory),
         "cpu_model": cpu_model(),
         "dtype": dtype_name(backend.dtype),
         "threads": torch.get_num_threads(),

@@ -46,7 +46,9 @@ def test_default_first_and_ratios_against_it(monkeypatch: pytest.MonkeyPatch,
     default = "/".join(map(str, DEFAULT))
     assert step_cost.main(["--channels", f"8/8,{default},8/8,{2 * DEFAULT[0]}"]) == 0
     assert built == [DEFAULT, [8, 8], [2 * DEFAULT[0]]]
-    rows = _table(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert ", NaN fill off, " in printed.splitlines()[0]  # configure_torch's, on this CPU
+    rows = _table(printed)
     assert [r[0] for r in rows] == [f"{default} (params.yaml)", "8/8", str(2 * DEFAULT[0])]
     assert [r[3] for r in rows] == ["1.00", f"{16 / sum(DEFAULT):.2f}",
                                     f"{2 * DEFAULT[0] / sum(DEFAULT):.2f}"]
@@ -96,6 +98,8 @@ def test_nan_fill_pairs_alternate_on_and_off_and_restore_the_switch(
         return next(costs)
 
     monkeypatch.setattr(step_cost, "seconds_per_step", fake_seconds)
+    # keep the fill on through main (as on a non-CPU device), so that its restore shows
+    monkeypatch.setattr(step_cost, "configure_torch", lambda threads: None)
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
     out = tmp_path / "step_cost.md"
     assert step_cost.main(["--channels", "8/8", "--nan-fill-pairs", "3",
@@ -103,10 +107,9 @@ def test_nan_fill_pairs_alternate_on_and_off_and_restore_the_switch(
     # the widths table (params.yaml's model, then 8/8), then params.yaml's model in pairs
     assert [fill for fill, _ in seen[2:]] == [True, False, False, True, True, False]
     assert [widths for _, widths in seen] == [DEFAULT, [8, 8]] + [DEFAULT] * 6
-    # restored to what configure_torch set on this CPU, which the widths table ran with
-    assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert torch.utils.deterministic.fill_uninitialized_memory is True  # restored
     printed = capsys.readouterr().out
-    assert ", NaN fill off, " in printed.splitlines()[0]
+    assert ", NaN fill on, " in printed.splitlines()[0]  # what the widths table ran with
     rows = {r[0]: r for r in _table(printed) if r[0].startswith(("on", "off"))}
     assert rows["on"][1:] == ["3.0", "2.0, 4.0, 3.0", "1.000"]
     assert rows["off"][1:] == ["2.0", "1.0, 2.0, 6.0", "0.667"]

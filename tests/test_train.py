@@ -93,6 +93,19 @@ def test_rerun_gives_bit_identical_weights_and_metrics() -> None:
     assert a.metrics == b.metrics
 
 
+@pytest.fixture
+def _torch_determinism_restored() -> Any:
+    """Put torch's process-wide determinism switches back as the test found them."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory, torch.get_num_threads())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+    torch.set_num_threads(saved[3])
+
+
+@pytest.mark.usefixtures("_torch_determinism_restored")
 def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -109,25 +122,23 @@ def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.utils.deterministic.fill_uninitialized_memory is False
     monkeypatch.setattr(train_module, "configure_torch", configure_with_fill)
-    try:
-        filled = fit(DATA, params, progress=False)
-    finally:
-        configure(1)
+    filled = fit(DATA, params, progress=False)
     assert _same_weights(default.model, filled.model)
     assert _quality(default.history) == _quality(filled.history)
     assert default.metrics == filled.metrics
 
 
-def test_configure_torch_keeps_the_nan_fill_off_the_cpu() -> None:
-    try:
-        configure_torch(1, torch.device("meta"))  # any accelerator: torch's own settings
-        assert torch.utils.deterministic.fill_uninitialized_memory is True
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
-        configure_torch(1, torch.device("cpu"))
-        assert torch.utils.deterministic.fill_uninitialized_memory is False
-        assert not torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        configure_torch(1)
+@pytest.mark.usefixtures("_torch_determinism_restored")
+def test_configure_torch_turns_the_nan_fill_off_on_the_cpu_only() -> None:
+    configure_torch(1, torch.device("meta"))  # any non-CPU device: the fill as torch sets it
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    configure_torch(1)  # no device: the CPU
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    configure_torch(1, torch.device("meta"))
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
+    configure_torch(1, torch.device("cpu"))
     assert torch.utils.deterministic.fill_uninitialized_memory is False
 
 

@@ -27,9 +27,9 @@ def configure_torch(threads: int, device: torch.device | None = None) -> None:
     warn_only: the CPU kernels this model uses are deterministic; on an accelerator an op
     without a deterministic kernel warns instead of stopping the run.
     On a CPU, deterministic mode's NaN fill of every new tensor is off: a debugging aid that
-    changes no weight (every kernel writes its output before reading it; tests/test_train.py
-    checks it) and costs 5-7% of a plain training step (bench/results/step_cost.md). On an
-    accelerator it stays on, as torch sets it.
+    costs 5-7% of a plain training step (bench/results/step_cost.md) and changed no weight
+    where checked (tests/test_train.py; the committed baseline). On any other device it is on,
+    as deterministic mode sets it: those kernels were not checked.
     """
     on_cpu = device is None or device.type == "cpu"
     if device is not None and device.type == "cuda":
