@@ -46,7 +46,7 @@ from fmnist.data import load_prepared
 from fmnist.inference import predict_logits
 from fmnist.model import model_config
 from fmnist.params import load_params, schema, validate
-from fmnist.reproducibility import configure_torch
+from fmnist.reproducibility import configure_torch, nan_fill
 from fmnist.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +293,7 @@ def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
         # deterministic mode's NaN fill as fit left it (configure_torch: off on a CPU since
         # 2026-12-05; runs without the field ran with it on; the four AMX runs that ran with it
         # off before the field existed, late-e16's and late-x16's seeds 3-4, were given it)
-        "nan_fill": bool(torch.utils.deterministic.fill_uninitialized_memory),
+        "nan_fill": nan_fill(),
         "cpu_model": cpu_model(),
         "dtype": dtype_name(backend.dtype),
         "threads": torch.get_num_threads(),

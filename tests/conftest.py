@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fmnist import sources
 
@@ -26,3 +27,16 @@ def edit_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 
     yield edit
     sources.source_closure.cache_clear()
+
+
+@pytest.fixture
+def torch_determinism_restored() -> Iterator[None]:
+    """Put torch's process-wide determinism switches and thread count back as the test found
+    them (configure_torch, which fit calls, sets them for the whole process)."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory, torch.get_num_threads())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+    torch.set_num_threads(saved[3])

@@ -34,6 +34,7 @@ def _table(out: str) -> list[list[str]]:
             for line in out.splitlines() if line.startswith("| ") and "ms per step" not in line]
 
 
+@pytest.mark.usefixtures("torch_determinism_restored")
 def test_default_first_and_ratios_against_it(monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
     built: list[list[int]] = []

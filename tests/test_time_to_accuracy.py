@@ -14,6 +14,7 @@ import pytest
 import torch
 from project_files import load_bench_script
 
+from fmnist import train as fmnist_train
 from fmnist.constants import CLASS_NAMES
 from fmnist.data import Prepared, Split
 from fmnist.errors import ParamsError
@@ -148,9 +149,10 @@ def test_dtype_reaches_the_training_run_and_the_table_keeps_params_yaml_s_defaul
     assert "*" not in (tmp_path / "table.md").read_text().splitlines()[-1]
 
 
-def test_a_run_records_the_nan_fill_it_trained_with() -> None:
-    """A real (tiny) run: its record says the fill was off, as configure_torch leaves it on a
-    CPU, so runs from before the switch can be told apart from runs after it."""
+@pytest.mark.usefixtures("torch_determinism_restored")
+def test_a_run_records_the_nan_fill_it_trained_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real (tiny) runs: the record says whether the fill was on, so runs from before
+    configure_torch turned it off can be told apart from runs after it."""
     rng = np.random.default_rng(0)
 
     def split(n: int) -> Split:
@@ -166,6 +168,14 @@ def test_a_run_records_the_nan_fill_it_trained_with() -> None:
     params["ipex"].update(enabled=False, dtype="float32")
     torch.utils.deterministic.fill_uninitialized_memory = True  # as torch would leave it
     run = bench.run_one(data, params, "tiny")
-    assert run["nan_fill"] is False
+    assert run["nan_fill"] is False  # configure_torch's on a CPU
     assert run["recipe"] == "tiny" and run["dtype"] == "float32"
     assert 0.0 <= run["test_acc"] <= 1.0 and len(run["epoch_seconds"]) == 1
+    configure = fmnist_train.configure_torch
+
+    def configure_with_fill(*args: Any, **kwargs: Any) -> None:
+        configure(*args, **kwargs)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+
+    monkeypatch.setattr(fmnist_train, "configure_torch", configure_with_fill)
+    assert bench.run_one(data, params, "tiny")["nan_fill"] is True

@@ -93,19 +93,7 @@ def test_rerun_gives_bit_identical_weights_and_metrics() -> None:
     assert a.metrics == b.metrics
 
 
-@pytest.fixture
-def _torch_determinism_restored() -> Any:
-    """Put torch's process-wide determinism switches back as the test found them."""
-    saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.utils.deterministic.fill_uninitialized_memory, torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.utils.deterministic.fill_uninitialized_memory = saved[2]
-    torch.set_num_threads(saved[3])
-
-
-@pytest.mark.usefixtures("_torch_determinism_restored")
+@pytest.mark.usefixtures("torch_determinism_restored")
 def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,7 +116,7 @@ def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
     assert default.metrics == filled.metrics
 
 
-@pytest.mark.usefixtures("_torch_determinism_restored")
+@pytest.mark.usefixtures("torch_determinism_restored")
 def test_configure_torch_turns_the_nan_fill_off_on_the_cpu_only() -> None:
     configure_torch(1, torch.device("meta"))  # any non-CPU device: the fill as torch sets it
     assert torch.utils.deterministic.fill_uninitialized_memory is True
@@ -504,6 +492,7 @@ def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
     # pinned the thresholds
     on_glibc = platform.libc_ver()[0] == allocator.GLIBC
     assert run["machine"]["allocator"] == (allocator.KEPT if on_glibc else allocator.OWN)
+    assert run["machine"]["nan_fill"] is False  # configure_torch's on a CPU
     assert [p.name for p in Path("reports").iterdir()] == ["train"]  # no staging folder left
     plots = Path("reports/train/plots/metrics")
     for name in ("train/loss.tsv", "train/acc.tsv", "val/loss.tsv", "val/acc.tsv", "lr.tsv",

@@ -26,10 +26,11 @@ def configure_torch(threads: int, device: torch.device | None = None) -> None:
 
     warn_only: the CPU kernels this model uses are deterministic; on an accelerator an op
     without a deterministic kernel warns instead of stopping the run.
-    On a CPU, deterministic mode's NaN fill of every new tensor is off: a debugging aid that
-    costs 5-7% of a plain training step (bench/results/step_cost.md) and changed no weight
-    where checked (tests/test_train.py; the committed baseline). On any other device it is on,
-    as deterministic mode sets it: those kernels were not checked.
+    On a CPU, deterministic mode's NaN fill of what torch.empty-style allocations return is off:
+    a debugging aid that costs 5-7% of a plain training step (bench/results/step_cost.md). With
+    it off, a small model trains to the same weights bit for bit (tests/test_train.py) and the
+    committed baseline to the same metrics as with it on. On any other device it is on (torch's
+    default), as no kernel there was checked.
     """
     on_cpu = device is None or device.type == "cpu"
     if device is not None and device.type == "cuda":
@@ -38,6 +39,12 @@ def configure_torch(threads: int, device: torch.device | None = None) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = not on_cpu
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def nan_fill() -> bool:
+    """Whether deterministic mode's NaN fill is on now: run reports record it beside the
+    allocator, as it changes the seconds, not the weights."""
+    return bool(torch.utils.deterministic.fill_uninitialized_memory)
 
 
 def rng_states(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:

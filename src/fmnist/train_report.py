@@ -13,6 +13,7 @@ from typing import Any
 from fmnist import allocator
 from fmnist.accel import backend_description, machine_description
 from fmnist.atomic import write_json
+from fmnist.reproducibility import nan_fill
 from fmnist.train import FitResult
 
 METRICS_FILE = "metrics.json"
@@ -41,5 +42,6 @@ def write_train_reports(
         "quality": m,
         "backend": training_record(result, world_size)["backend"],
         "timing": {**result.timing, "stage_seconds": stage_seconds},
-        "machine": {**machine_description(result.backend), "allocator": allocator.label()},
+        "machine": {**machine_description(result.backend), "allocator": allocator.label(),
+                    "nan_fill": nan_fill()},
     })
