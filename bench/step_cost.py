@@ -42,7 +42,7 @@ from fmnist.atomic import write_text
 from fmnist.constants import IMAGE_SIZE, NUM_CLASSES
 from fmnist.model import build_model
 from fmnist.params import load_params
-from fmnist.reproducibility import configure_torch
+from fmnist.reproducibility import configure_torch, nan_fill
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [default, *[list(m) for m in dict.fromkeys(map(tuple, requested))]]
     limit = isa_limit()
     malloc = "glibc malloc keeps freed memory" if kept else "malloc as it is (not glibc's, or set)"
-    fill = "on" if torch.utils.deterministic.fill_uninitialized_memory else "off"
+    fill = "on" if nan_fill() else "off"
     lines = [f"CPU class {cpu_class()}{' (' + limit + ')' if limit else ''}, "
              f"{dtype_name(backend.dtype)}, {torch.get_num_threads()} threads, batch {batch}, "
              f"{malloc}, NaN fill {fill}, torch {torch.__version__}: plain SGD step, "
