@@ -4,6 +4,7 @@ Run from the repository root:
 
     python bench/step_cost.py --channels 16/32/64/128,32/64/128/256
     python bench/step_cost.py --channels ... --markdown-out bench/results/step_cost.md
+    python bench/step_cost.py --channels 16/32/64/128 --without-batch-norm
     MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
         python bench/step_cost.py --channels ...          # this machine as an AVX2-only CPU
 
@@ -22,6 +23,10 @@ so the measurements of several classes accumulate in one generated file.
 with deterministic mode; `configure_torch` turns it off on a CPU since 2026-12-05) on and off,
 in N interleaved pairs so the VM's drift falls on both: what turning it off saves on this class.
 The header says whether the widths table ran with it on or off.
+
+`--without-batch-norm` adds each model without its BatchNorm layers (`model.batch_norm:
+false`): what normalization costs of the step on this class, the part of it that runs
+memory-bound kernels and never reaches the matmul units (see the README's roofline section).
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nan-fill-pairs", type=int, default=0,
                         help="also time params.yaml's model with deterministic mode's NaN fill "
                              "on and off, this many interleaved pairs")
+    parser.add_argument("--without-batch-norm", action="store_true",
+                        help="also time each model without its BatchNorm layers")
     parser.add_argument("--markdown-out", type=Path,
                         help="append this run's command, header and table to this file")
     args = parser.parse_args(argv)
@@ -158,15 +165,19 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     base = 0.0
+    with_bn = params["model"]["batch_norm"]
+    normalizations = (True, False) if args.without_batch_norm and with_bn else (with_bn,)
     for channels in models:
-        config = {**params["model"], "channels": channels}
-        seconds = seconds_per_step(lambda config=config: build_model(config), backend, batch,
-                                   args.warmup, args.windows, args.steps)
-        base = base or seconds  # the default runs first
-        mark = " (params.yaml)" if channels == default else ""
-        lines.append(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
-                     f"{batch / seconds:,.0f} | {seconds / base:.2f} |")
-        print(lines[-1], flush=True)
+        for batch_norm in normalizations:
+            config = {**params["model"], "channels": channels, "batch_norm": batch_norm}
+            seconds = seconds_per_step(lambda config=config: build_model(config), backend,
+                                       batch, args.warmup, args.windows, args.steps)
+            base = base or seconds  # the default runs first
+            mark = " (params.yaml)" if channels == default and batch_norm == with_bn else ""
+            mark += ", no BatchNorm" if with_bn and not batch_norm else ""
+            lines.append(f"| {'/'.join(map(str, channels))}{mark} | {seconds * 1000:.1f} | "
+                         f"{batch / seconds:,.0f} | {seconds / base:.2f} |")
+            print(lines[-1], flush=True)
     if args.nan_fill_pairs > 0:
         times = nan_fill_pairs(lambda: build_model(params["model"]), backend, batch,
                                args.nan_fill_pairs, args.warmup, args.windows, args.steps)

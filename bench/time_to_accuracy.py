@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmnist.accel import cpu_class, dtype_name, select_backend
+from fmnist.accel import BF16_NATIVE_CLASSES, cpu_class, dtype_name, select_backend
 from fmnist.allocator import KEPT, OWN, keep_freed_memory
 from fmnist.atomic import write_json, write_text
 from fmnist.constants import PREPARED_FILE
@@ -56,10 +56,6 @@ TARGET_ACCURACY = 0.945
 # The budgets for the train stage, by dtype: float32 on a 2-core AVX2-only CPU,
 # bfloat16 on 2 cores with native bf16.
 BUDGET_S = {"float32": 15 * 60, "bfloat16": 6 * 60}
-# fmnist.accel.cpu_class's names for the CPUs that compute bf16 natively (`ipex.dtype: auto`
-# trains in bf16 there, in float32 on every other class).
-BF16_NATIVE_CLASSES = ("AMX", "AVX512_BF16", "AVX_NE_CONVERT")
-
 SMALL = {"channels": [16, 32, 64], "convs_per_block": 2}
 MEDIUM = {"channels": [24, 48, 96], "convs_per_block": 2}
 WIDE_SHALLOW = {"channels": [32, 64, 128], "convs_per_block": 1}

@@ -1,5 +1,10 @@
 """download stage: the four Fashion-MNIST files into data/raw, verified, published together."""
 
+from fmnist.signals import exit_while_importing
+
+STAGE = "download"
+exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+
 from typing import Any
 
 from fmnist.atomic import publish_dir
@@ -17,4 +22,4 @@ def main(params: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("download", main)
+    run_stage(STAGE, main)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from fmnist.signals import exit_while_importing
+
+STAGE = "evaluate"
+exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+
 import time
 from typing import Any
 
@@ -24,4 +29,4 @@ def main(params: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    run_stage(STAGE, main)

@@ -9,6 +9,11 @@ export/ and reports/export/ are published together.
 
 from __future__ import annotations
 
+from fmnist.signals import exit_while_importing
+
+STAGE = "export"
+exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+
 from typing import Any
 
 from fmnist.atomic import publishing, write_json
@@ -62,4 +67,4 @@ def main(params: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("export", main)
+    run_stage(STAGE, main)

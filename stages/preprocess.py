@@ -1,5 +1,10 @@
 """preprocess stage: data/raw -> data/prepared/fashion_mnist.h5 (uint8 train/val/test)."""
 
+from fmnist.signals import exit_while_importing
+
+STAGE = "preprocess"
+exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+
 from pathlib import Path
 from typing import Any
 
@@ -25,4 +30,4 @@ def main(params: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("preprocess", main)
+    run_stage(STAGE, main)

@@ -7,6 +7,11 @@ failure, Ctrl-C or SIGTERM at any moment leaves the previous model and its repor
 
 from __future__ import annotations
 
+from fmnist.signals import exit_while_importing
+
+STAGE = "train"
+exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -62,4 +67,4 @@ def open_live(out_dir: Path) -> Any:
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    run_stage(STAGE, main)

@@ -4,6 +4,11 @@ seeds, and report what (if anything) to apply.
 It never changes params.yaml or models/: apply the result with the printed `dvc exp run`.
 """
 
+from fmnist.signals import exit_while_importing
+
+STAGE = "tune"
+exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+
 from fmnist.stage import run_stage
 
 
@@ -33,4 +38,4 @@ def main(params: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("tune", main)
+    run_stage(STAGE, main)

@@ -40,3 +40,24 @@ def torch_determinism_restored() -> Iterator[None]:
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
     torch.utils.deterministic.fill_uninitialized_memory = saved[2]
     torch.set_num_threads(saved[3])
+
+
+@pytest.fixture
+def keep_nan_fill_on(
+    torch_determinism_restored: None, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], None]:
+    """`keep_nan_fill_on()`: from then on, fit's configure_torch leaves deterministic mode's NaN
+    fill of new tensors on, as torch sets it (configure_torch turns it off on a CPU)."""
+    from fmnist import train
+
+    configure = train.configure_torch
+
+    def configure_with_fill(*args: object, **kwargs: object) -> None:
+        configure(*args, **kwargs)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        assert torch.empty(4).isnan().all()  # the fill is really on
+
+    def keep_on() -> None:
+        monkeypatch.setattr(train, "configure_torch", configure_with_fill)
+
+    return keep_on

@@ -55,6 +55,27 @@ def test_default_first_and_ratios_against_it(monkeypatch: pytest.MonkeyPatch,
                                     f"{2 * DEFAULT[0] / sum(DEFAULT):.2f}"]
 
 
+@pytest.mark.usefixtures("torch_determinism_restored")
+def test_without_batch_norm_times_each_model_again_without_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    built: list[tuple[list[int], bool]] = []
+
+    def fake_seconds(make_model: Any, *_: Any) -> float:
+        model = make_model()
+        normalized = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        built.append((_widths(make_model), normalized))
+        return (2.0 if normalized else 1.0) * 1e-3
+
+    monkeypatch.setattr(step_cost, "seconds_per_step", fake_seconds)
+    default = "/".join(map(str, DEFAULT))
+    assert step_cost.main(["--channels", f"{default},8/8", "--without-batch-norm"]) == 0
+    assert built == [(DEFAULT, True), (DEFAULT, False), ([8, 8], True), ([8, 8], False)]
+    rows = _table(capsys.readouterr().out)
+    assert [(r[0], r[3]) for r in rows] == [
+        (f"{default} (params.yaml)", "1.00"), (f"{default}, no BatchNorm", "0.50"),
+        ("8/8", "1.00"), ("8/8, no BatchNorm", "0.50")]
+
+
 def test_timer_trains_the_given_width() -> None:
     backend = select_backend({**PARAMS["ipex"], "enabled": False})
     seconds = step_cost.seconds_per_step(

@@ -6,6 +6,7 @@ and is neither marked as the default nor held to a budget the issue does not set
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ import pytest
 import torch
 from project_files import load_bench_script
 
-from fmnist import train as fmnist_train
 from fmnist.constants import CLASS_NAMES
 from fmnist.data import Prepared, Split
 from fmnist.errors import ParamsError
@@ -149,8 +149,7 @@ def test_dtype_reaches_the_training_run_and_the_table_keeps_params_yaml_s_defaul
     assert "*" not in (tmp_path / "table.md").read_text().splitlines()[-1]
 
 
-@pytest.mark.usefixtures("torch_determinism_restored")
-def test_a_run_records_the_nan_fill_it_trained_with(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_records_the_nan_fill_it_trained_with(keep_nan_fill_on: Callable[[], None]) -> None:
     """Real (tiny) runs: the record says whether the fill was on, so runs from before
     configure_torch turned it off can be told apart from runs after it."""
     rng = np.random.default_rng(0)
@@ -171,11 +170,5 @@ def test_a_run_records_the_nan_fill_it_trained_with(monkeypatch: pytest.MonkeyPa
     assert run["nan_fill"] is False  # configure_torch's on a CPU
     assert run["recipe"] == "tiny" and run["dtype"] == "float32"
     assert 0.0 <= run["test_acc"] <= 1.0 and len(run["epoch_seconds"]) == 1
-    configure = fmnist_train.configure_torch
-
-    def configure_with_fill(*args: Any, **kwargs: Any) -> None:
-        configure(*args, **kwargs)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-
-    monkeypatch.setattr(fmnist_train, "configure_torch", configure_with_fill)
+    keep_nan_fill_on()
     assert bench.run_one(data, params, "tiny")["nan_fill"] is True

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import pytest
 import torch
 
 from fmnist import allocator
-from fmnist import train as train_module
 from fmnist.accel import cpu_class, select_backend
 from fmnist.checkpoint import load_checkpoint
 from fmnist.constants import CLASS_NAMES
@@ -93,23 +93,15 @@ def test_rerun_gives_bit_identical_weights_and_metrics() -> None:
     assert a.metrics == b.metrics
 
 
-@pytest.mark.usefixtures("torch_determinism_restored")
 def test_training_skips_the_nan_fill_of_new_tensors_and_loses_no_bit(
-    monkeypatch: pytest.MonkeyPatch,
+    keep_nan_fill_on: Callable[[], None],
 ) -> None:
     # deterministic mode fills every new tensor with NaN: a debugging aid, slow, changes no result
-    configure = train_module.configure_torch
-
-    def configure_with_fill(*args: Any, **kwargs: Any) -> None:
-        configure(*args, **kwargs)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        assert torch.empty(4).isnan().all()  # the fill is really on
-
     params = tiny_params(epochs=3, ema_decay=0.9, sam_start=0.5)
     default = fit(DATA, params, progress=False)
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.utils.deterministic.fill_uninitialized_memory is False
-    monkeypatch.setattr(train_module, "configure_torch", configure_with_fill)
+    keep_nan_fill_on()
     filled = fit(DATA, params, progress=False)
     assert _same_weights(default.model, filled.model)
     assert _quality(default.history) == _quality(filled.history)

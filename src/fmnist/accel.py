@@ -134,16 +134,22 @@ def cpu_bf16_native() -> bool:
     )
 
 
+# cpu_class()'s names for the CPUs that compute bf16 natively; any other CPU is named by
+# torch's kernel capability.
+AMX, AVX512_BF16, AVX_NE_CONVERT = "AMX", "AVX512_BF16", "AVX_NE_CONVERT"
+BF16_NATIVE_CLASSES = (AMX, AVX512_BF16, AVX_NE_CONVERT)
+
+
 @lru_cache(maxsize=1)
 def cpu_class() -> str:
     """The CPU's class as timings name it: AMX, AVX512_BF16 or AVX_NE_CONVERT where bf16 is
     native, else torch's kernel capability (AVX2, AVX512, DEFAULT, SVE256, ...)."""
     if cpu_bf16_native() and platform.machine().lower() in X86_MACHINES:
         if torch.cpu._is_amx_tile_supported():
-            return "AMX"
+            return AMX
         if torch.cpu._is_avx512_bf16_supported():
-            return "AVX512_BF16"
-        return "AVX_NE_CONVERT"
+            return AVX512_BF16
+        return AVX_NE_CONVERT
     return str(torch.backends.cpu.get_cpu_capability())
 
 

@@ -33,6 +33,27 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def interrupted(signum: int) -> str:
+    """What a stage's one line says when a signal ends it."""
+    return f"interrupted ({signal.Signals(signum).name})"
+
+
+def exit_while_importing(stage: str) -> None:
+    """The first call of a stage script, before its imports: Ctrl-C or SIGTERM while they run
+    (torch alone takes seconds) ends the stage with its one line and the shell's exit code,
+    not an import traceback. Nothing is written before `run_stage`, whose `install()` then
+    takes the signals over."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def leave(signum: int, _frame: FrameType | None) -> None:
+        print(f"{stage}: {interrupted(signum)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    for signum in HANDLED:
+        signal.signal(signum, leave)
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM in this process (only the main thread may install handlers)."""
     if threading.current_thread() is threading.main_thread():

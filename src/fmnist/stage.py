@@ -40,13 +40,13 @@ def run_stage(name: str, main: Callable[[dict[str, Any]], None]) -> None:
         raise
     except KeyboardInterrupt:
         _exit_if_interrupted(name)
-        _fail(name, "interrupted (SIGINT)", 128 + signal.SIGINT)
+        _fail(name, signals.interrupted(signal.SIGINT), 128 + signal.SIGINT)
 
 
 def _exit_if_interrupted(name: str) -> None:
     signum = signals.received()
     if signum is not None:
-        _fail(name, f"interrupted ({signal.Signals(signum).name})", 128 + signum)
+        _fail(name, signals.interrupted(signum), 128 + signum)
 
 
 def _fail(name: str, message: str, code: int) -> None:
