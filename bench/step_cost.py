@@ -25,8 +25,8 @@ in N interleaved pairs so the VM's drift falls on both: what turning it off save
 The header says whether the widths table ran with it on or off.
 
 `--without-batch-norm` adds each model without its BatchNorm layers (`model.batch_norm:
-false`): what normalization costs of the step on this class, the part of it that runs
-memory-bound kernels and never reaches the matmul units (see the README's roofline section).
+false`, so its convolutions get biases): what normalization costs of the step on this class,
+memory-bound kernels that gain nothing from the matmul units (the README's roofline section).
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nan_fill_pairs < 0:
         parser.error(f"--nan-fill-pairs: expected 0 or more, got {args.nan_fill_pairs}")
     params = load_params(ROOT / "params.yaml")
+    if args.without_batch_norm and not params["model"]["batch_norm"]:
+        parser.error("--without-batch-norm: params.yaml's model.batch_norm is false already")
     configure_torch(args.threads)
     kept = keep_freed_memory()
     backend = select_backend({**params["ipex"], "enabled": False}, params["train"]["device"])
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     base = 0.0
     with_bn = params["model"]["batch_norm"]
-    normalizations = (True, False) if args.without_batch_norm and with_bn else (with_bn,)
+    normalizations = (True, False) if args.without_batch_norm else (with_bn,)
     for channels in models:
         for batch_norm in normalizations:
             config = {**params["model"], "channels": channels, "batch_norm": batch_norm}

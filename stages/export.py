@@ -9,10 +9,11 @@ export/ and reports/export/ are published together.
 
 from __future__ import annotations
 
-from fmnist.signals import exit_while_importing
+from fmnist.signals import handle_signals_while_importing
 
 STAGE = "export"
-exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+if __name__ == "__main__":  # a script, not a spawned worker's or a test's import
+    handle_signals_while_importing(STAGE)  # first: Ctrl-C during the imports below is one line too
 
 from typing import Any
 

@@ -1,9 +1,10 @@
 """preprocess stage: data/raw -> data/prepared/fashion_mnist.h5 (uint8 train/val/test)."""
 
-from fmnist.signals import exit_while_importing
+from fmnist.signals import handle_signals_while_importing
 
 STAGE = "preprocess"
-exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+if __name__ == "__main__":  # a script, not a spawned worker's or a test's import
+    handle_signals_while_importing(STAGE)  # first: Ctrl-C during the imports below is one line too
 
 from pathlib import Path
 from typing import Any

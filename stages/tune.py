@@ -4,10 +4,11 @@ seeds, and report what (if anything) to apply.
 It never changes params.yaml or models/: apply the result with the printed `dvc exp run`.
 """
 
-from fmnist.signals import exit_while_importing
+from fmnist.signals import handle_signals_while_importing
 
 STAGE = "tune"
-exit_while_importing(STAGE)  # first: importing torch takes seconds, Ctrl-C in them is one line too
+if __name__ == "__main__":  # a script, not a spawned worker's or a test's import
+    handle_signals_while_importing(STAGE)  # first: Ctrl-C during the imports below is one line too
 
 from fmnist.stage import run_stage
 

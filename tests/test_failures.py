@@ -181,34 +181,6 @@ def _new_temporary_file(root: Path, before: set[Path]) -> bool:
         p.is_file() for p in (root / "checkpoints").rglob("*"))
 
 
-def _maps_torch(pid: int) -> bool:
-    """The process has begun importing torch (Linux: a libtorch library is mapped)."""
-    try:
-        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:  # it has already ended
-        return False
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("name", ["train", "evaluate"])
-def test_signal_while_the_stage_still_imports_torch_is_one_line_too(
-    tmp_path: Path, name: str, signum: int
-) -> None:
-    # no params.yaml here: a stage that got past its imports fails with exit code 2, not 130
-    shutil.copytree(REPO / "stages", tmp_path / "stages")
-    proc = _stage(tmp_path, name)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not _maps_torch(proc.pid):  # torch's import takes about a second after this
-        assert proc.poll() is None, f"{name} ended before importing torch: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for the stage to import torch"
-        time.sleep(0.001)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 128 + signum, err[-3000:]
-    _assert_one_line_failure(name, err, f"interrupted ({signal.Signals(signum).name})")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize(("name", "delay"), [
     ("download", 0.0),

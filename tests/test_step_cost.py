@@ -76,6 +76,17 @@ def test_without_batch_norm_times_each_model_again_without_it(
         ("8/8", "1.00"), ("8/8, no BatchNorm", "0.50")]
 
 
+def test_without_batch_norm_on_a_model_without_it_is_a_one_line_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    params = {**PARAMS, "model": {**PARAMS["model"], "batch_norm": False}}
+    monkeypatch.setattr(step_cost, "load_params", lambda _path: params)
+    with pytest.raises(SystemExit) as exit_info:
+        step_cost.main(["--channels", "8/8", "--without-batch-norm"])
+    assert exit_info.value.code == 2
+    assert "--without-batch-norm: params.yaml's model.batch_norm is false" in (
+        capsys.readouterr().err)
+
+
 def test_timer_trains_the_given_width() -> None:
     backend = select_backend({**PARAMS["ipex"], "enabled": False})
     seconds = step_cost.seconds_per_step(

@@ -38,7 +38,7 @@ def interrupted(signum: int) -> str:
     return f"interrupted ({signal.Signals(signum).name})"
 
 
-def exit_while_importing(stage: str) -> None:
+def handle_signals_while_importing(stage: str) -> None:
     """The first call of a stage script, before its imports: Ctrl-C or SIGTERM while they run
     (torch alone takes seconds) ends the stage with its one line and the shell's exit code,
     not an import traceback. Nothing is written before `run_stage`, whose `install()` then
@@ -47,6 +47,9 @@ def exit_while_importing(stage: str) -> None:
         return
 
     def leave(signum: int, _frame: FrameType | None) -> None:
+        global _received
+        if _received is None:  # recorded, should a finalizer swallow the exit: check() stops
+            _received = signum
         print(f"{stage}: {interrupted(signum)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
