@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from fmnist import signals
+from fmnist.stage import run_stage
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "preprocess", "train", "tune", "evaluate", "export")
 TIMEOUT_S = 120
@@ -30,7 +33,7 @@ def _maps_torch(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("name", ["train", "evaluate"])
+@pytest.mark.parametrize("name", ["train", "evaluate", "export"])
 def test_signal_while_the_stage_still_imports_torch_is_one_line(
     tmp_path: Path, name: str, signum: int
 ) -> None:
@@ -39,13 +42,18 @@ def test_signal_while_the_stage_still_imports_torch_is_one_line(
     proc = subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=tmp_path,
                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not _maps_torch(proc.pid):  # torch's import takes about a second after this
-        assert proc.poll() is None, f"{name} ended before importing torch: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for the stage to import torch"
-        time.sleep(0.001)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=TIMEOUT_S)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _maps_torch(proc.pid):  # torch's import takes about a second after this
+            assert proc.poll() is None, f"{name} ended before importing torch: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "timed out waiting for the stage to import torch"
+            time.sleep(0.001)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines() == [f"{name}: interrupted ({signal.Signals(signum).name})"]
@@ -61,5 +69,33 @@ def test_a_stage_imported_as_a_module_leaves_the_signal_handlers_alone(name: str
         spec.loader.exec_module(module)
         assert {signum: signal.getsignal(signum) for signum in before} == before
     finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def test_a_signal_whose_exit_was_swallowed_during_the_imports_still_stops_the_stage(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A finalizer that swallows the import-time SystemExit: the signal is recorded, and
+    run_stage stops before it reads params.yaml or starts the work."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook  # run_stage's install() wraps it
+    started: list[dict] = []
+    try:
+        signals.handle_signals_while_importing("probe")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+        except SystemExit as exc:  # what a finalizer would swallow
+            assert exc.code == 128 + signal.SIGTERM
+        assert signals.received() == signal.SIGTERM
+        with pytest.raises(SystemExit) as exit_info:
+            run_stage("probe", started.append)
+        assert exit_info.value.code == 128 + signal.SIGTERM
+        assert started == []
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "probe: interrupted (SIGTERM)"
+    finally:
+        signals.reset()
+        sys.unraisablehook = hook
         for signum, handler in before.items():
             signal.signal(signum, handler)

@@ -76,7 +76,7 @@ def test_without_batch_norm_times_each_model_again_without_it(
         ("8/8", "1.00"), ("8/8, no BatchNorm", "0.50")]
 
 
-def test_without_batch_norm_on_a_model_without_it_is_a_one_line_error(
+def test_without_batch_norm_on_a_model_without_it_is_a_usage_error(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     params = {**PARAMS, "model": {**PARAMS["model"], "batch_norm": False}}
     monkeypatch.setattr(step_cost, "load_params", lambda _path: params)

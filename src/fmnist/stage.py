@@ -24,6 +24,7 @@ def run_stage(name: str, main: Callable[[dict[str, Any]], None]) -> None:
     """
     signals.install()
     try:
+        signals.check()  # a signal during the imports whose exit a finalizer swallowed
         params = load_params()
         main(params)
         signals.check()  # an interrupt swallowed somewhere (a finalizer) still fails the stage
