@@ -637,18 +637,13 @@ class _InterruptsItsTrace(torch.nn.Module):
 _TRACE_EVENTS: list[str] = []
 
 
+@pytest.mark.usefixtures("signal_state_restored")
 def test_a_signal_during_the_pt2_trace_waits_for_the_trace_to_end(tmp_path: Path) -> None:
     """An interrupt raised inside the trace (Python called from torch's C++ dispatcher) can
     abort the whole process with SIGABRT; the stage must instead end with its one line."""
-    previous = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
     _TRACE_EVENTS.clear()
     signals.install()
-    try:
-        with pytest.raises(signals.Interrupted):
-            export.export_program(_InterruptsItsTrace(), tmp_path / "model.pt2")
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        signals.reset()
+    with pytest.raises(signals.Interrupted):
+        export.export_program(_InterruptsItsTrace(), tmp_path / "model.pt2")
     assert _TRACE_EVENTS and all(e == "forward finished" for e in _TRACE_EVENTS)
     assert not list(tmp_path.iterdir()), "nothing is written when the export is interrupted"

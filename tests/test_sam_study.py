@@ -573,13 +573,9 @@ def test_kill_and_a_background_sigint_stop_the_study_with_the_shells_status(sign
 
 
 @pytest.fixture
-def stop_handlers() -> Any:
-    saved = {s: signal.getsignal(s) for s in signals.HANDLED}
+def stop_handlers(signal_state_restored: None) -> Any:
     signals.install()
     yield
-    signals.reset()
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 class StoppedExperiments(FakeExperiments):

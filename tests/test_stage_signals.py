@@ -59,43 +59,32 @@ def test_signal_while_the_stage_still_imports_torch_is_one_line(
     assert err.strip().splitlines() == [f"{name}: interrupted ({signal.Signals(signum).name})"]
 
 
+@pytest.mark.usefixtures("signal_state_restored")
 @pytest.mark.parametrize("name", STAGES)
 def test_a_stage_imported_as_a_module_leaves_the_signal_handlers_alone(name: str) -> None:
     # multiprocessing's spawn runs a worker's main script as __mp_main__ (tune.workers > 1)
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     spec = importlib.util.spec_from_file_location("__mp_main__", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        assert {signum: signal.getsignal(signum) for signum in before} == before
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
+@pytest.mark.usefixtures("signal_state_restored")
 def test_a_signal_whose_exit_was_swallowed_during_the_imports_still_stops_the_stage(
     capsys: pytest.CaptureFixture,
 ) -> None:
     """A finalizer that swallows the import-time SystemExit: the signal is recorded, and
     run_stage stops before it reads params.yaml or starts the work."""
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    hook = sys.unraisablehook  # run_stage's install() wraps it
     started: list[dict] = []
+    signals.handle_signals_while_importing("probe")
     try:
-        signals.handle_signals_while_importing("probe")
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs at the next bytecode; never reached
-        except SystemExit as exc:  # what a finalizer would swallow
-            assert exc.code == 128 + signal.SIGTERM
-        assert signals.received() == signal.SIGTERM
-        with pytest.raises(SystemExit) as exit_info:
-            run_stage("probe", started.append)
-        assert exit_info.value.code == 128 + signal.SIGTERM
-        assert started == []
-        assert capsys.readouterr().err.strip().splitlines()[-1] == "probe: interrupted (SIGTERM)"
-    finally:
-        signals.reset()
-        sys.unraisablehook = hook
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
+    except SystemExit as exc:  # what a finalizer would swallow
+        assert exc.code == 128 + signal.SIGTERM
+    assert signals.received() == signal.SIGTERM
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("probe", started.append)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert started == []
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "probe: interrupted (SIGTERM)"
