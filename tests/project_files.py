@@ -4,9 +4,16 @@ the benchmark scripts under bench/."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+from fmnist.constants import PREPARED_FILE, SPLITS
+
+if TYPE_CHECKING:
+    from fmnist.data import Prepared
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,6 +27,25 @@ def deep_update(target: dict, changes: dict) -> None:
             deep_update(target[key], value)
         else:
             target[key] = value
+
+
+def write_prepared(root: Path, data: Prepared, *, seed: int = 0,
+                   val_fraction: float = 0.25) -> Path:
+    """`data` as preprocess lays out the prepared file under a project root `root`."""
+    import h5py
+
+    path = root / PREPARED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for name in SPLITS:
+            split = getattr(data, name)
+            f[f"{name}/images"] = split.images
+            f[f"{name}/labels"] = split.labels
+        f.attrs["class_names"] = list(data.class_names)
+        f.attrs["split_sizes"] = json.dumps({name: len(getattr(data, name)) for name in SPLITS})
+        f.attrs["seed"] = seed
+        f.attrs["val_fraction"] = val_fraction
+    return path
 
 
 def published_outputs(root: Path) -> dict[str, bytes]:

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from project_files import write_prepared
 from torch import nn
 
 from fmnist.constants import CLASS_NAMES
@@ -296,22 +297,9 @@ def test_no_relaunch_when_distributed_is_false_or_already_launched(
 # --- the stage: python stages/train.py becomes torchrun, rank 0 writes the outputs -------------
 
 
-def _write_prepared(root: Path) -> None:
-    import h5py
-
-    path = root / "data" / "prepared" / "fashion_mnist.h5"
-    path.parent.mkdir(parents=True)
-    with h5py.File(path, "w") as f:
-        for name in ("train", "val", "test"):
-            split = getattr(DATA, name)
-            f[f"{name}/images"] = split.images
-            f[f"{name}/labels"] = split.labels
-        f.attrs["class_names"] = list(CLASS_NAMES)
-
-
 @pytest.mark.slow
 def test_stage_relaunches_under_torchrun_and_rank_zero_writes_outputs(tmp_path: Path) -> None:
-    _write_prepared(tmp_path)
+    write_prepared(tmp_path, DATA)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(epochs=1)))
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK") and not k.startswith("PET_")}

@@ -1,6 +1,7 @@
-"""A stage script handles Ctrl-C and SIGTERM from its first statement: a signal while it still
-imports torch (seconds) ends it with its one line and the shell's exit code, and only when it
-runs as a script (a spawned tune worker or a test that imports it keeps its own handlers)."""
+"""A stage script (and `fmnist tune-worker`) handles Ctrl-C and SIGTERM from its first
+statement: a signal while it still imports torch (seconds) ends it with its one line and the
+shell's exit code, and only when it runs as a script (a spawned tune worker or a test that
+imports it keeps its own handlers)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,25 @@ def _maps_torch(pid: int) -> bool:
         return False
 
 
+# id: (stage name in its messages, arguments); `fmnist tune-worker` is the tune stage elsewhere
+COMMANDS = {
+    "train": ("train", ["stages/train.py"]),
+    "evaluate": ("evaluate", ["stages/evaluate.py"]),
+    "export": ("export", ["stages/export.py"]),
+    "tune-worker": ("tune", ["-m", "fmnist.cli", "tune-worker"]),
+}
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("name", ["train", "evaluate", "export"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_signal_while_the_stage_still_imports_torch_is_one_line(
-    tmp_path: Path, name: str, signum: int
+    tmp_path: Path, command: str, signum: int
 ) -> None:
     # no params.yaml here: a stage that got past its imports fails with exit code 2, not 130
+    name, args = COMMANDS[command]
     shutil.copytree(REPO / "stages", tmp_path / "stages")
-    proc = subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path,
                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from project_files import write_prepared
 
 from fmnist import allocator
 from fmnist.accel import cpu_class, select_backend
@@ -435,27 +436,10 @@ def _load_stage():
     return module
 
 
-def _write_prepared(root: Path) -> None:
-    import h5py
-
-    path = root / "data" / "prepared" / "fashion_mnist.h5"
-    path.parent.mkdir(parents=True)
-    with h5py.File(path, "w") as f:
-        for name in ("train", "val", "test"):
-            split = getattr(DATA, name)
-            f[f"{name}/images"] = split.images
-            f[f"{name}/labels"] = split.labels
-        f.attrs["class_names"] = list(CLASS_NAMES)
-        sizes = {name: len(getattr(DATA, name).labels) for name in ("train", "val", "test")}
-        f.attrs["split_sizes"] = json.dumps(sizes)
-        f.attrs["seed"] = 0
-        f.attrs["val_fraction"] = 0.25
-
-
 def test_stage_writes_model_curves_metrics_and_timing_and_resumes_curves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _write_prepared(tmp_path)
+    write_prepared(tmp_path, DATA)
     monkeypatch.chdir(tmp_path)
     for variable in (allocator.PRELOAD_VARIABLE, allocator.TUNABLES_VARIABLE,
                      *allocator.USER_SETTINGS):

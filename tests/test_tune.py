@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,9 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from project_files import write_prepared
 
-from fmnist.constants import CLASS_NAMES
+from fmnist.constants import CLASS_NAMES, TUNE_STUDY_DIR
 from fmnist.data import Prepared, Split
 from fmnist.errors import ParamsError
 from fmnist.params import load_params
@@ -31,6 +35,7 @@ from fmnist.tune import (
 from fmnist.tune_report import exp_run_command, summary_metrics, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER_TIMEOUT_S = 300
 GRID = {"lr": {"choices": [0.05, 0.1]}, "rho": {"choices": [0.0, 0.1]}}
 
 
@@ -210,6 +215,37 @@ def test_two_worker_processes_share_the_grid_without_duplicates(tmp_path: Path) 
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert sorted(_key(t.params) for t in complete) == sorted(_key(p) for p in grid_points(space))
     assert len({t.user_attrs["worker"] for t in complete}) == 2
+
+
+
+def _tune_worker(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fmnist.cli", "tune-worker", *args], cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=WORKER_TIMEOUT_S)
+
+
+def test_a_worker_started_from_the_command_line_joins_the_stage_study(tmp_path: Path) -> None:
+    """`fmnist tune-worker` (another machine's worker): from a project root it finds the
+    stage's study, runs the trials a raised budget adds, and refuses a study of other params."""
+    write_prepared(tmp_path, DATA)
+    params = tiny_params(trials=1)
+    first = run_study(DATA, params, study_dir=tmp_path / TUNE_STUDY_DIR, progress=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(trials=3)))
+
+    url = storage_url(None, tmp_path / TUNE_STUDY_DIR)
+    joined = _tune_worker(tmp_path, "--storage", url, "--study", first.study_name)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert f"tune: worker on study {first.study_name}" in joined.stdout
+    study = optuna.load_study(study_name=first.study_name, storage=url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    workers = [t.user_attrs["worker"] for t in study.trials]
+    assert workers[1] == workers[2] != workers[0]  # the new process ran both new trials
+
+    refused = _tune_worker(tmp_path, "--study", "fmnist-000000000000")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"tune: study fmnist-000000000000: params.yaml or the prepared data differ from it "
+        f"(they give {first.study_name})"]
 
 
 # --- confirmation of the best with new seeds ----------------------------------------------------

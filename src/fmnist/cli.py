@@ -1,8 +1,11 @@
-"""The `fmnist` command: `fmnist predict IMAGE... [--model export/model.pth] [--top-k 3] [--json]`.
+"""The `fmnist` command: `fmnist predict IMAGE... [--model export/model.pth] [--top-k 3] [--json]`
+and `fmnist tune-worker [--storage URL] [--study NAME]`.
 
-Exit status: 0 when every image was classified, 1 when some image could not be read (each one
-gets one line on stderr, the others are still classified), 2 for a bad command line or a model
-file that cannot be used, 130 when interrupted. Never a traceback for a user's mistake.
+predict's exit status: 0 when every image was classified, 1 when some image could not be read
+(each one gets one line on stderr, the others are still classified), 2 for a bad command line or
+a model file that cannot be used, 130 when interrupted. tune-worker's are the tune stage's (0, 1
+for a failure, 2 for bad params, 130/143 when interrupted). Never a traceback for a user's
+mistake.
 """
 
 from __future__ import annotations
@@ -62,7 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--invert", action="store_true", help="negate the images first (dark-on-light photos)"
     )
+    worker = commands.add_parser(
+        "tune-worker",
+        help="run trials of the tune stage's shared study (another machine's worker)",
+        description=(
+            "Join the study the tune stage searches and run its trials until the budget is "
+            "met. Run from the repository root with the same params.yaml and data/prepared."
+        ),
+    )
+    worker.add_argument("--storage", metavar="URL", help="database URL (default: "
+                        "tune.storage, else the SQLite file under checkpoints/tune/)")
+    worker.add_argument("--study", metavar="NAME",
+                        help="study name to join; refuses if params.yaml differs")
     return parser
+
+
+def run_tune_worker(args: argparse.Namespace) -> int:
+    """One more worker, through the tune stage's own entry (one-line errors, exit codes)."""
+    from fmnist import signals
+
+    signals.handle_signals_while_importing("tune")  # torch's import takes seconds
+    from fmnist.tune import main as tune_main
+
+    argv = ["worker"] + [f"{option}={value}" for option, value in
+                         (("--storage", args.storage), ("--study", args.study))
+                         if value is not None]
+    tune_main(argv)
+    return EXIT_OK
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -120,11 +149,14 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `fmnist` console script; returns the exit status."""
+    """Entry point of the `fmnist` console script; returns the exit status (tune-worker exits
+    as the tune stage does, through SystemExit)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "tune-worker":
+            return run_tune_worker(args)
     except FmnistError as exc:
         print(f"fmnist {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
