@@ -217,7 +217,6 @@ def test_two_worker_processes_share_the_grid_without_duplicates(tmp_path: Path) 
     assert len({t.user_attrs["worker"] for t in complete}) == 2
 
 
-
 def _tune_worker(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fmnist.cli", "tune-worker", *args], cwd=root,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
