@@ -20,10 +20,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from project_files import write_prepared
 
 import fmnist
 from fmnist import export, pt2, signals
 from fmnist.constants import CALIBRATION_FILE, CLASS_NAMES
+from fmnist.data import Prepared, Split
 from fmnist.errors import FmnistError
 from fmnist.h5weights import FORMAT, load_h5_model, save_h5
 from fmnist.inference import predict_logits
@@ -540,17 +542,11 @@ def _stage_workspace(root: Path, *, onnx: bool = False) -> None:
     params["export"].update(onnx=onnx, parity_samples=30, benchmark_batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     save_model(_trained_like_model(), CONFIG, root / "models" / "model.pth")
-    (root / "data" / "prepared").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    with h5py.File(root / "data" / "prepared" / "fashion_mnist.h5", "w") as f:
-        sizes = {"train": 50, "val": 20, "test": 40}
-        for split, n in sizes.items():
-            f[f"{split}/images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-            f[f"{split}/labels"] = np.arange(n, dtype=np.int64) % 10
-        f.attrs["class_names"] = list(CLASS_NAMES)
-        f.attrs["split_sizes"] = json.dumps(sizes)
-        f.attrs["seed"] = 0
-        f.attrs["val_fraction"] = 0.1
+    splits = {name: Split(images=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                          labels=np.arange(n, dtype=np.int64) % 10)
+              for name, n in (("train", 50), ("val", 20), ("test", 40))}
+    write_prepared(root, Prepared(**splits), val_fraction=0.1)
     calibration = root / CALIBRATION_FILE
     calibration.parent.mkdir(parents=True)
     calibration.write_text(json.dumps({"temperature": STAGE_TEMPERATURE}))
