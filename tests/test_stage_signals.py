@@ -1,7 +1,7 @@
-"""A stage script (and `fmnist tune-worker`) handles Ctrl-C and SIGTERM from its first
-statement: a signal while it still imports torch (seconds) ends it with its one line and the
-shell's exit code, and only when it runs as a script (a spawned tune worker or a test that
-imports it keeps its own handlers)."""
+"""A stage script (and `fmnist tune-worker` and `fmnist predict`) handles Ctrl-C and SIGTERM
+from its first statement: a signal while it still imports torch (seconds) ends it with its one
+line and the shell's exit code, and only when it runs as a script (a spawned tune worker or a
+test that imports it keeps its own handlers)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ COMMANDS = {
     "evaluate": ("evaluate", ["stages/evaluate.py"]),
     "export": ("export", ["stages/export.py"]),
     "tune-worker": ("tune", ["-m", "fmnist.cli", "tune-worker"]),
+    # not a stage: it writes nothing, and without export/ it would end with exit code 2
+    "predict": ("fmnist predict", ["-m", "fmnist.cli", "predict", "shirt.png"]),
 }
 
 

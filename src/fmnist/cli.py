@@ -3,7 +3,8 @@ and `fmnist tune-worker [--storage URL] [--study NAME]`.
 
 predict's exit status: 0 when every image was classified, 1 when some image could not be read
 (each one gets one line on stderr, the others are still classified), 2 for a bad command line or
-a model file that cannot be used, 130 when interrupted. tune-worker's are the tune stage's (0, 1
+a model file that cannot be used, 130 for Ctrl-C and 143 for SIGTERM (one line, whenever it
+arrives, torch's import included). tune-worker's are the tune stage's (0, 1
 for a failure, 2 for bad params, 130/143 when interrupted). Never a traceback for a user's
 mistake.
 """
@@ -96,6 +97,9 @@ def run_tune_worker(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Load the model once, read every image, classify the readable ones in one batch."""
+    from fmnist import signals
+
+    signals.install()  # SIGTERM, like Ctrl-C, ends it with one line (`main`), even mid-import
     from fmnist.predict import (  # torch loads only when a command needs it
         Prediction,
         classify,
@@ -160,7 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FmnistError as exc:
         print(f"fmnist {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from fmnist.signals import Interrupted, interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"fmnist {args.command}: {interrupted(exc.signum)}", file=sys.stderr)
+            return exc.exit_code
         print(f"fmnist {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_USAGE
