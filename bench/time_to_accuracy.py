@@ -260,6 +260,21 @@ def planned_run(recipe: str, params: dict[str, Any], dtype: str, threads: int) -
             "allocator": ALLOCATOR_KEPT if keep_freed_memory() else ALLOCATOR_DEFAULT}
 
 
+def ran_with_nan_fill(run: dict[str, Any]) -> bool:
+    """Runs older than the `nan_fill` field ran with deterministic mode's NaN fill on."""
+    return run.get("nan_fill", True)
+
+
+def seconds_by_fill(members: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean train seconds of a row's runs with the NaN fill on and off, when it pools both
+    (the fill costs time, not accuracy: one row, both costs shown); None otherwise."""
+    split = {state: [m["train_seconds"] for m in members if ran_with_nan_fill(m) == fill]
+             for state, fill in (("on", True), ("off", False))}
+    if not all(split.values()):
+        return None
+    return {state: statistics.fmean(seconds) for state, seconds in split.items()}
+
+
 def class_label(run: dict[str, Any]) -> str:
     """The CPU class a table row names; an ISA-limited run says it was one, and a run with
     glibc's page-faulting default malloc says so too."""
@@ -342,6 +357,7 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str
             "plain_acc_mean": statistics.fmean(m["test_acc"] for m in members),
             "val_acc_mean": statistics.fmean(m["val_acc"] for m in members),
             "train_seconds_mean": statistics.fmean(m["train_seconds"] for m in members),
+            "train_seconds_by_fill": seconds_by_fill(members),
             "images_per_s": statistics.fmean(m["images_per_s_median"] for m in members),
             # params.yaml's recipe in the dtype params.yaml trains in on that class
             "default": bool(recipe and is_default(base, recipe))
@@ -372,7 +388,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "augmentation where evaluate.flip_tta is on (`plain`: without it; runs older than "
         "the TTA measurement count their plain number). `*` marks the params.yaml "
         "default (in the dtype it trains in on that class), `F` the Pareto frontier of its CPU "
-        "class and dtype. Budgets: "
+        "class and dtype (by mean seconds). A row that pools runs with deterministic mode's "
+        "NaN fill of new tensors on (runs before 2026-12-05) and off shows each one's mean "
+        "seconds after the pooled one. Budgets: "
         f"{BUDGET_S['float32'] // 60} min float32 on an AVX2-only CPU, "
         f"{BUDGET_S['bfloat16'] // 60} min with native bf16; target {TARGET_ACCURACY:.1%}.",
         "",
@@ -382,11 +400,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         marks = ("*" if r["default"] else "") + ("F" if r["frontier"] else "")
+        seconds = f"{r['train_seconds_mean']:,.0f}"
+        if r.get("train_seconds_by_fill"):
+            seconds += " (fill on {on:,.0f}, off {off:,.0f})".format(**r["train_seconds_by_fill"])
         lines.append(
             f"| {r['cpu_class']} | {r['dtype']} | {r['recipe']}: {r['description']} "
             f"| {len(r['seeds'])} | {r['test_acc_mean']:.2%} ± {r['test_acc_std']:.2%} "
             f"({r['test_acc_min']:.2%}) | {r['plain_acc_mean']:.2%} | {r['val_acc_mean']:.2%} "
-            f"| {r['train_seconds_mean']:,.0f} | {r['images_per_s']:,.0f} | {marks} |"
+            f"| {seconds} | {r['images_per_s']:,.0f} | {marks} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -83,6 +83,22 @@ def test_runs_with_the_page_faulting_malloc_are_timed_apart() -> None:
     assert {r["train_seconds_mean"] for r in rows} == {800, 570}
 
 
+def test_a_row_pooling_runs_with_the_nan_fill_on_and_off_shows_both_costs() -> None:
+    """The fill costs time, not accuracy: one row, pooled, with each state's seconds beside."""
+    base = load_params(REPO / "params.yaml")
+    older = _run("", 0.94, 340)  # older than the field: it ran with the fill on
+    newer = [{**_run("", 0.95, seconds), "seed": seed, "nan_fill": False}
+             for seed, seconds in ((1, 300), (2, 310))]
+    (row,) = bench.summarize([older, *newer], base)
+    assert row["seeds"] == [0, 1, 2]
+    assert row["train_seconds_mean"] == pytest.approx(950 / 3)
+    assert row["train_seconds_by_fill"] == pytest.approx({"on": 340, "off": 305})
+    assert "| 317 (fill on 340, off 305) |" in bench.markdown([row])
+    (alone,) = bench.summarize(newer, base)  # one state only: nothing to split
+    assert alone["train_seconds_by_fill"] is None
+    assert "| 305 |" in bench.markdown([alone])
+
+
 def test_a_key_added_at_its_absent_value_keeps_the_recipe_hash() -> None:
     """Stored runs are found again after params.yaml gains model.pool_ceil_mode: false."""
     base = load_params(REPO / "params.yaml")
