@@ -50,7 +50,7 @@ from fmnist.constants import IMAGE_SIZE, INPUT_SHAPE, NUM_CLASSES  # noqa: E402
 from fmnist.data import load_prepared  # noqa: E402
 from fmnist.model import CNN, Normalize, build_model  # noqa: E402
 from fmnist.params import load_params  # noqa: E402
-from fmnist.reproducibility import configure_torch  # noqa: E402
+from fmnist.reproducibility import configure_torch, nan_fill  # noqa: E402
 
 DEFAULT_RECIPE = "late-e16"  # params.yaml's training recipe, the one every arch trains with
 
@@ -161,7 +161,8 @@ def measure_step_costs(base: dict[str, Any], archs: list[str], dtype: str,
                                              steps=20)
         default_seconds = default_seconds or seconds  # params.yaml's model runs first
         out.append({"cpu_class": cpu_class(), "isa_limit": tta.isa_limit(),
-                    "allocator": allocator, "dtype": dtype, "threads": threads,
+                    "allocator": allocator, "nan_fill": nan_fill(), "dtype": dtype,
+                    "threads": threads,
                     "cpu_model": tta.cpu_model(), "torch_version": torch.__version__,
                     "arch": name, "batch": batch,
                     "multiply_adds": multiply_adds(factory()), "ms_per_step": seconds * 1000,

@@ -41,7 +41,7 @@ from fmnist.constants import NORM_MEAN, NORM_STD, PREPARED_FILE
 from fmnist.errors import FmnistError
 from fmnist.model import build_model
 from fmnist.params import load_params
-from fmnist.reproducibility import configure_torch, seed_everything
+from fmnist.reproducibility import configure_torch, nan_fill, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IPEX_PYTHON = ROOT / ".venv-ipex" / "bin" / "python"
@@ -458,7 +458,8 @@ def machine() -> dict[str, Any]:
         pass
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return {"cpu": model_name, "cores": os.cpu_count(), "isa": isa, "cpu_class": cpu_class(),
-            "bf16_native": cpu_bf16_native(), "malloc_keeps_freed": applied()}
+            "bf16_native": cpu_bf16_native(), "malloc_keeps_freed": applied(),
+            "nan_fill": nan_fill()}  # as configure_torch left it (results older: on)
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -482,6 +483,7 @@ def markdown(results: dict[str, Any], names: list[str], args: Any) -> str:
         )
         + (". glibc malloc keeps freed blocks (fmnist.allocator)"
            if m.get("malloc_keeps_freed") else ". Default malloc")
+        + (", NaN fill off" if m.get("nan_fill") is False else "")
         + f". Load average (1 min) {results['load_before']:.2f} before, "
         f"{results['load_after']:.2f} after. Data: {results['data']}.",
         "",
