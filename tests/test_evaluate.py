@@ -9,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
+from project_files import write_prepared
 
 from fmnist.accel import prepare_inference, select_backend
 from fmnist.constants import CLASS_NAMES
-from fmnist.data import load_prepared
+from fmnist.data import Prepared, Split, load_prepared
 from fmnist.errors import FmnistError
 from fmnist.evaluate import (
     CONFUSION_PLOT,
@@ -74,20 +74,11 @@ def _images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _write_prepared(path: Path, n_test: int = 120) -> None:
-    """An HDF5 file with the layout preprocess writes (contract: one group per split)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        sizes = {}
-        for split, n, seed in (("train", 40, 1), ("val", 20, 2), ("test", n_test, 3)):
-            images, labels = _images(n, seed)
-            f.create_dataset(f"{split}/images", data=images)
-            f.create_dataset(f"{split}/labels", data=labels)
-            sizes[split] = n
-        f.attrs["class_names"] = list(CLASS_NAMES)
-        f.attrs["split_sizes"] = json.dumps(sizes)
-        f.attrs["seed"] = 42
-        f.attrs["val_fraction"] = 0.1
+def _write_prepared(root: Path) -> Path:
+    """A prepared file under the project root `root`, as preprocess lays it out."""
+    splits = {name: Split(*_images(n, seed))
+              for name, n, seed in (("train", 40, 1), ("val", 20, 2), ("test", 120, 3))}
+    return write_prepared(root, Prepared(**splits), seed=42, val_fraction=0.1)
 
 
 def _params(**evaluate: int) -> dict:
@@ -98,10 +89,9 @@ def _params(**evaluate: int) -> dict:
 
 @pytest.fixture
 def stage_inputs(tmp_path: Path) -> tuple[Path, Path]:
-    model_path, data_path = tmp_path / "models/model.pth", tmp_path / "data/prepared/fm.h5"
+    model_path = tmp_path / "models/model.pth"
     save_model(_tiny_model(), TINY_MODEL, model_path)
-    _write_prepared(data_path)
-    return model_path, data_path
+    return model_path, _write_prepared(tmp_path)
 
 
 # --- inference ---------------------------------------------------------------------------
@@ -279,7 +269,7 @@ def test_identical_runs_write_identical_bytes(
 
 def test_stage_script_fails_in_one_line_without_a_model(tmp_path: Path) -> None:
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    _write_prepared(tmp_path / "data/prepared/fashion_mnist.h5")
+    _write_prepared(tmp_path)
     proc = subprocess.run(
         [sys.executable, str(REPO / "stages/evaluate.py")],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
