@@ -459,7 +459,7 @@ def machine() -> dict[str, Any]:
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return {"cpu": model_name, "cores": os.cpu_count(), "isa": isa, "cpu_class": cpu_class(),
             "bf16_native": cpu_bf16_native(), "malloc_keeps_freed": applied(),
-            "nan_fill": nan_fill()}  # as configure_torch left it (results older: on)
+            "nan_fill": nan_fill()}  # as configure_torch left it (bench/README: older reports)
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fmnist import cli, predict, signals
 from fmnist.constants import CLASS_NAMES
 from fmnist.errors import FmnistError
 from fmnist.export import export_program
@@ -310,3 +313,37 @@ def test_class_names_from_a_model_file_cannot_drive_the_terminal(tmp_path: Path)
     classifier = load_classifier(path)
     assert classifier.class_names[0] == "\\x1b[31mred\\x07"
     assert all(name.isprintable() for name in classifier.class_names)
+
+
+@pytest.mark.usefixtures("signal_state_restored")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_a_library_swallowed_still_ends_predict_in_one_line_without_results(
+    tmp_path: Path, model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], signum: int,
+) -> None:
+    """A signal whose exception a finalizer ate (h5py's do) while the model loads: no results
+    are printed, the exit code is the signal's, and the handlers are put back afterwards."""
+    image = tmp_path / "shirt.png"
+    Image.fromarray(_garment_like(1)[0], "L").save(image)
+    real_load = predict.load_classifier
+
+    def load_swallowing_a_signal(path: str) -> object:
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            pass  # as a finalizer would
+        return real_load(path)
+
+    monkeypatch.setattr(predict, "load_classifier", load_swallowing_a_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    status = cli.main(["predict", str(image), "--model", str(model_files["pth"])])
+
+    out, err = capsys.readouterr()
+    assert status == 128 + signum
+    assert out == ""
+    assert err.strip().splitlines() == [
+        f"fmnist predict: interrupted ({signal.Signals(signum).name})"]
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert signals.received() is None  # the next command starts afresh

@@ -3,8 +3,8 @@ and `fmnist tune-worker [--storage URL] [--study NAME]`.
 
 predict's exit status: 0 when every image was classified, 1 when some image could not be read
 (each one gets one line on stderr, the others are still classified), 2 for a bad command line or
-a model file that cannot be used, 130 for Ctrl-C and 143 for SIGTERM (one line, whenever it
-arrives, torch's import included). tune-worker's are the tune stage's (0, 1
+a model file that cannot be used, 130 for Ctrl-C and 143 for SIGTERM (one line, no results
+printed; torch's import included). tune-worker's are the tune stage's (0, 1
 for a failure, 2 for bad params, 130/143 when interrupted). Never a traceback for a user's
 mistake.
 """
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from fmnist import __version__
+from fmnist import __version__, signals
 from fmnist.constants import EXPORT_DIR
 from fmnist.errors import FmnistError
 
@@ -97,9 +99,6 @@ def run_tune_worker(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Load the model once, read every image, classify the readable ones in one batch."""
-    from fmnist import signals
-
-    signals.install()  # SIGTERM, like Ctrl-C, ends it with one line (`main`), even mid-import
     from fmnist.predict import (  # torch loads only when a command needs it
         Prediction,
         classify,
@@ -109,6 +108,7 @@ def run_predict(args: argparse.Namespace) -> int:
         to_model_input,
     )
 
+    signals.check()  # a signal during the import whose exception a finalizer swallowed
     try:
         classifier = load_classifier(args.model)
     except FmnistError as exc:
@@ -127,6 +127,7 @@ def run_predict(args: argparse.Namespace) -> int:
         arrays.append(to_model_input(image, invert=args.invert))
         readable.append((name, has_light_background(image)))
     ranked = classify(classifier, arrays, top_k=args.top_k)
+    signals.check()  # interrupted (h5py's finalizers swallow it): no results, its exit code
     predictions = [
         Prediction(file=name, top_k=top, inverted=args.invert, light_background=light)
         for (name, light), top in zip(readable, ranked, strict=True)
@@ -152,27 +153,56 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_BAD_IMAGE if errors else EXIT_OK
 
 
+@contextmanager
+def signals_handled() -> Iterator[None]:
+    """fmnist.signals' handlers for one command: SIGTERM, like Ctrl-C, raises `Interrupted`,
+    and one swallowed is still recorded. The handlers, sys.unraisablehook and the record are
+    put back afterwards (`main` may run more than once in a process)."""
+    handlers = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
+    hook = sys.unraisablehook
+    signals.install()
+    try:
+        yield
+    finally:
+        signals.reset()
+        sys.unraisablehook = hook
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fmnist` console script; returns the exit status (tune-worker exits
     as the tune stage does, through SystemExit)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "predict":
-            return run_predict(args)
-        if args.command == "tune-worker":
+    if args.command == "tune-worker":
+        try:
             return run_tune_worker(args)
-    except FmnistError as exc:
-        print(f"fmnist {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as exc:
-        from fmnist.signals import Interrupted, interrupted
+        except FmnistError as exc:
+            print(f"fmnist {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:  # the tune stage's handlers turn signals into exits first
+            print("fmnist tune-worker: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    with signals_handled():
+        try:
+            status = run_predict(args)
+            signals.check()
+            return status
+        except Exception as exc:  # noqa: BLE001 - an interrupt a library turned into its error
+            signum = signals.received()
+            if signum is not None:
+                return _interrupted(args.command, signum)
+            if isinstance(exc, FmnistError):
+                print(f"fmnist {args.command}: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            raise
+        except KeyboardInterrupt:
+            return _interrupted(args.command, signals.received() or signal.SIGINT)
 
-        if isinstance(exc, Interrupted):
-            print(f"fmnist {args.command}: {interrupted(exc.signum)}", file=sys.stderr)
-            return exc.exit_code
-        print(f"fmnist {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_USAGE
+
+def _interrupted(command: str, signum: int) -> int:
+    print(f"fmnist {command}: {signals.interrupted(signum)}", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":
