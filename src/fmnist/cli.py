@@ -4,9 +4,9 @@ and `fmnist tune-worker [--storage URL] [--study NAME]`.
 predict's exit status: 0 when every image was classified, 1 when some image could not be read
 (each one gets one line on stderr, the others are still classified), 2 for a bad command line or
 a model file that cannot be used, 130 for Ctrl-C and 143 for SIGTERM (one line, and no results
-unless they were already being printed; torch's import included). tune-worker's are the tune stage's (0, 1
-for a failure, 2 for bad params, 130/143 when interrupted). Never a traceback for a user's
-mistake.
+unless they were already being printed; torch's import included). tune-worker's are the tune
+stage's (0, 1 for a failure, 2 for bad params, 130/143 when interrupted). Never a traceback for
+a user's mistake.
 """
 
 from __future__ import annotations
