@@ -347,3 +347,58 @@ def test_an_interrupt_a_library_swallowed_still_ends_predict_in_one_line_without
         f"fmnist predict: interrupted ({signal.Signals(signum).name})"]
     assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert signals.received() is None  # the next command starts afresh
+
+
+def test_file_names_print_with_undecodable_bytes_and_control_characters_escaped(
+    tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    """A name that is not UTF-8 must not crash a strict UTF-8 stdout, nor one with a newline or
+    an escape sequence split a result line or colour the terminal; --json stays valid UTF-8."""
+    folder = os.fsencode(tmp_path)
+    odd = [os.fsdecode(folder + b"/bad\xff.png"), os.fsdecode(folder + b"/new\nline\x1b[31m.png")]
+    for name in odd:
+        Image.fromarray(_garment_like(1)[0], "L").save(name)
+    missing = os.fsdecode(folder + b"/gone\x07\xfe.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    shown = [f"{tmp_path}/bad\\xff.png", f"{tmp_path}/new\\nline\\x1b[31m.png"]
+
+    def predict(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fmnist.cli", "predict", *odd, missing,
+                               "--model", str(model_files["pth"]), *extra],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    done = predict()
+    assert done.returncode == 1, done.stderr
+    assert [line.split(": ")[0] for line in done.stdout.splitlines()] == shown
+    assert done.stderr.splitlines() == [
+        f"fmnist predict: {tmp_path}/gone\\x07\\xfe.png: no such file"]
+    document = json.loads(predict("--json").stdout)
+    assert [p["file"] for p in document["predictions"]] == [
+        f"{tmp_path}/bad\\xff.png", f"{tmp_path}/new\nline\x1b[31m.png"]  # exact where it can be
+    assert document["errors"][0]["file"] == f"{tmp_path}/gone\x07\\xfe.png"
+
+
+def test_a_reader_that_went_away_ends_predict_quietly(
+    tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    """`fmnist predict *.png | head -1`: no BrokenPipeError traceback, the shell's SIGPIPE code."""
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "a.png")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fmnist.cli", "predict", str(tmp_path / "a.png"), "--model",
+         str(model_files["pth"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # buffered, as for a user (CI sets PYTHONUNBUFFERED): the write fails at a flush
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+             "OMP_NUM_THREADS": "1"},
+    )
+    proc.stdout.close()  # the reader is gone before predict writes its first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE, err
+    assert err == ""
+
+
+def test_an_empty_model_path_is_a_usage_error(tmp_path: Path) -> None:
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "a.png")
+    done = _cli("predict", str(tmp_path / "a.png"), "--model", "")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("argument --model: empty path")

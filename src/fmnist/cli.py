@@ -4,15 +4,17 @@ and `fmnist tune-worker [--storage URL] [--study NAME]`.
 predict's exit status: 0 when every image was classified, 1 when some image could not be read
 (each one gets one line on stderr, the others are still classified), 2 for a bad command line or
 a model file that cannot be used, 130 for Ctrl-C and 143 for SIGTERM (one line, and no results
-unless they were already being printed; torch's import included). tune-worker's are the tune
-stage's (0, 1 for a failure, 2 for bad params, 130/143 when interrupted). Never a traceback for
-a user's mistake.
+unless they were already being printed; torch's import included), 141 (quietly) when the
+reader of its output went away (`| head`). File names are printed with control characters
+and bytes that are not UTF-8 escaped. tune-worker's are the tune stage's (0, 1 for a failure,
+2 for bad params, 130/143 when interrupted). Never a traceback for a user's mistake.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +28,7 @@ EXIT_OK = 0
 EXIT_BAD_IMAGE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 DEFAULT_MODEL = f"{EXPORT_DIR}/model.pth"
 
 
@@ -37,6 +40,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _model_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         default=DEFAULT_MODEL,
+        type=_model_path,
         help=f"model file, .pth, .h5 or .pt2 (default: {DEFAULT_MODEL})",
     )
     predict.add_argument(
@@ -101,10 +111,12 @@ def run_predict(args: argparse.Namespace) -> int:
     """Load the model once, read every image, classify the readable ones in one batch."""
     from fmnist.predict import (  # torch loads only when a command needs it
         Prediction,
+        as_text,
         classify,
         has_light_background,
         load_classifier,
         load_image,
+        printable,
         to_model_input,
     )
 
@@ -112,7 +124,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         classifier = load_classifier(args.model)
     except FmnistError as exc:
-        print(f"fmnist predict: {exc}", file=sys.stderr)
+        print(f"fmnist predict: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     readable: list[tuple[str, bool]] = []
     arrays = []
@@ -121,11 +133,11 @@ def run_predict(args: argparse.Namespace) -> int:
         try:
             image = load_image(name)
         except FmnistError as exc:
-            print(f"fmnist predict: {exc}", file=sys.stderr)
-            errors.append({"file": name, "error": str(exc)})
+            print(f"fmnist predict: {printable(str(exc))}", file=sys.stderr)
+            errors.append({"file": as_text(name), "error": as_text(str(exc))})
             continue
         arrays.append(to_model_input(image, invert=args.invert))
-        readable.append((name, has_light_background(image)))
+        readable.append((as_text(name), has_light_background(image)))
     ranked = classify(classifier, arrays, top_k=args.top_k)
     signals.check()  # interrupted (h5py's finalizers swallow it): no results, its exit code
     predictions = [
@@ -134,7 +146,7 @@ def run_predict(args: argparse.Namespace) -> int:
     ]
     if args.json:
         document = {
-            "model": str(classifier.source),
+            "model": as_text(str(classifier.source)),
             "predictions": [p.as_dict() for p in predictions],
             "errors": errors,
         }
@@ -142,12 +154,12 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         for p in predictions:
             shown = ", ".join(f"{name} {prob:.1%}" for name, _, prob in p.top_k)
-            print(f"{p.file}: {shown}")
+            print(f"{printable(p.file)}: {shown}")
     hinted = [p.file for p in predictions if p.light_background and not p.inverted]
     if hinted:
         print(
             f"fmnist predict: note: {len(hinted)} image(s) have a light background "
-            f"(e.g. {hinted[0]}); the model expects light objects on dark: try --invert",
+            f"(e.g. {printable(hinted[0])}); the model expects light objects on dark: try --invert",
             file=sys.stderr,
         )
     return EXIT_BAD_IMAGE if errors else EXIT_OK
@@ -186,12 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with signals_handled():
         try:
             status = run_predict(args)
+            sys.stdout.flush()  # a reader gone (`| head`) shows here, not at the exit's flush
             signals.check()
             return status
         except Exception as exc:  # noqa: BLE001 - an interrupt a library turned into its error
             signum = signals.received()
             if signum is not None:
                 return _interrupted(args.command, signum)
+            if isinstance(exc, BrokenPipeError):
+                # what is left in the buffer has no reader: drop it, as `yes | head` does
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return EXIT_BROKEN_PIPE
             if isinstance(exc, FmnistError):
                 print(f"fmnist {args.command}: {exc}", file=sys.stderr)
                 return EXIT_USAGE

@@ -93,7 +93,17 @@ def load_classifier(path: str | Path) -> Classifier:
 
 def printable(text: str) -> str:
     """`text` with control characters escaped: a model file must not drive the terminal."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in as_text(text))
+
+
+def as_text(name: str) -> str:
+    """A file name (or a message holding one) as valid Unicode: the bytes of a name that are
+    not UTF-8, which os.fsdecode keeps as lone surrogates that no output encodes, as \\xNN."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate os.fsdecode does not make
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def load_image(path: str | Path) -> Image.Image:
