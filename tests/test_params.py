@@ -76,8 +76,10 @@ def test_rho_below_minimum_names_key_and_bound(tmp_path: Path) -> None:
         ("train.lr", "fast", "train.lr: 'fast' is not of type 'number'"),
         ("train.batch_size", MAX_BATCH + 1,
          f"train.batch_size: {MAX_BATCH + 1} is greater than the maximum of {MAX_BATCH}"),
+        # JSON Schema counts 42.0 as an integer; numpy's seeding does not (it was a traceback)
+        ("seed", 42.0, "seed: 42.0 is not of type 'integer' (a whole number: write 42)"),
     ],
-    ids=["type", "batch-limit"],
+    ids=["type", "batch-limit", "whole-float"],
 )
 def test_bad_value_exits_2_naming_the_key(
     tmp_path: Path, key: str, value: Any, expected: str
@@ -98,17 +100,26 @@ def _message(tmp_path: Path, params: Any) -> str:
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("train.lr", "1e-4", "train.lr: '1e-4' is not of type 'number'"),
+        ("train.lr", "1e-4",
+         "train.lr: '1e-4' is not of type 'number' (YAML reads '1e-4' as text: write 1.0e-4)"),
+        ("model.dropout", "0.1",
+         "model.dropout: '0.1' is not of type 'number' (a number in quotes: write it without"),
         ("train.batch_size", 32.5, "train.batch_size: 32.5 is not of type 'integer'"),
+        ("train.epochs", 2.0, "train.epochs: 2.0 is not of type 'integer' (a whole number: "
+         "write 2)"),
+        ("preprocess.train_subset", 1000.0, "preprocess.train_subset: 1000.0 is not of type "
+         "'integer', 'null' (a whole number: write 1000)"),
         ("train.augment.flip", "yes", "train.augment.flip: 'yes' is not of type 'boolean'"),
         ("train.optimizer", "adam", "train.optimizer: 'adam' is not one of"),
         ("data.sources", [], "data.sources"),
+        ("data.sources", ["/usr/share/datasets/fashion-mnist", "ftp://example.org/fm"],
+         "data.sources.1: 'ftp://example.org/fm': only http:// and https:// URLs are fetched"),
         ("model.channels", [32, 0], "model.channels.1: 0 is less than the minimum of 1"),
         ("tune.space.lr", {"low": 0.1}, "tune.space.lr"),
         ("tune.space.lr", {"low": 0.3, "high": 0.1}, "tune.space.lr: low 0.3 > high 0.1"),
     ],
-    ids=["yaml11-float", "integer", "bool", "enum", "empty-list", "list-item", "range-entry",
-         "low-high"],
+    ids=["yaml11-float", "quoted-number", "integer", "whole-float", "whole-float-or-null", "bool",
+         "enum", "empty-list", "url-scheme", "list-item", "range-entry", "low-high"],
 )
 def test_each_kind_of_bad_value_names_its_key(
     tmp_path: Path, key: str, value: Any, expected: str
@@ -167,8 +178,9 @@ def test_impossible_date_exits_2_without_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("- seed\n- data\n", "expected a mapping"), ("[" * 1000, "nested too deeply")],
-    ids=["list", "deep-nesting"],
+    [("- seed\n- data\n", "expected a mapping"), ("[" * 1000, "nested too deeply"),
+     ("# all commented out\n", "empty \\(expected the mapping")],
+    ids=["list", "deep-nesting", "empty"],
 )
 def test_unusable_document_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
     (tmp_path / "params.yaml").write_text(text, encoding="utf-8")

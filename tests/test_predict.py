@@ -402,3 +402,14 @@ def test_an_empty_model_path_is_a_usage_error(tmp_path: Path) -> None:
     done = _cli("predict", str(tmp_path / "a.png"), "--model", "")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith("argument --model: empty path")
+
+
+def test_an_onnx_model_is_refused_naming_what_runs_it(tmp_path: Path) -> None:
+    """export.onnx writes model.onnx next to the others; predict reads the other three."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX header's start
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "a.png")
+    done = _cli("predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "model.onnx"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"fmnist predict: model file {tmp_path / 'model.onnx'}: an ONNX model, which fmnist "
+        "predict does not run (onnxruntime does); give it the .pth, .h5 or .pt2 export"]

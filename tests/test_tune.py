@@ -200,9 +200,14 @@ def test_a_combination_invalid_together_is_refused_before_training(tmp_path: Pat
         storage_url(None, tmp_path))
 
 
-def test_a_choice_outside_the_train_schema_is_refused_before_training(tmp_path: Path) -> None:
-    params = tiny_params(space={"batch_size": {"choices": [64, 0]}})
-    with pytest.raises(ParamsError, match=r"tune\.space\.batch_size: value 0"):
+@pytest.mark.parametrize(("choices", "refused"), [([64, 0], "0"), ([64.0], "64.0")],
+                         ids=["out-of-range", "whole-float"])
+def test_a_choice_outside_the_train_schema_is_refused_before_training(
+    tmp_path: Path, choices: list[Any], refused: str
+) -> None:
+    # 64.0 passed the schema once (JSON Schema's integer) and failed a trial with a TypeError
+    params = tiny_params(space={"batch_size": {"choices": choices}})
+    with pytest.raises(ParamsError, match=rf"tune\.space\.batch_size: value {refused} "):
         run_study(DATA, params, study_dir=tmp_path, progress=False)
 
 
@@ -240,11 +245,18 @@ def test_a_worker_started_from_the_command_line_joins_the_stage_study(tmp_path: 
     workers = [t.user_attrs["worker"] for t in study.trials]
     assert workers[1] == workers[2] != workers[0]  # the new process ran both new trials
 
-    refused = _tune_worker(tmp_path, "--study", "fmnist-000000000000")
+    absent = _tune_worker(tmp_path, "--study", "fmnist-000000000000")
+    assert absent.returncode == 1
+    assert absent.stderr.strip().splitlines() == [
+        f"tune: study fmnist-000000000000: not in {url} (it holds: {first.study_name})"]
+    optuna.create_study(study_name="fmnist-other", storage=url)  # another params.yaml's
+    refused = _tune_worker(tmp_path, "--study", "fmnist-other")
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
-        f"tune: study fmnist-000000000000: params.yaml or the prepared data differ from it "
+        f"tune: study fmnist-other: params.yaml or the prepared data differ from it "
         f"(they give {first.study_name})"]
+    # neither refusal added a study of its own
+    assert sorted(optuna.get_all_study_names(url)) == sorted([first.study_name, "fmnist-other"])
 
 
 # --- confirmation of the best with new seeds ----------------------------------------------------

@@ -62,6 +62,7 @@ RAW_BYTES: dict[str, int] = {
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 PT2_SUFFIX = ".pt2"  # torch.export programs (fmnist.pt2)
+ONNX_SUFFIX = ".onnx"  # export.onnx writes one; onnxruntime runs it, fmnist predict does not
 
 # Paths, relative to the repository root; dvc.yaml repeats them (DVC cannot import Python).
 PARAMS_FILE = "params.yaml"

@@ -37,7 +37,7 @@ from torch import nn
 
 from fmnist import load_model, signals
 from fmnist.atomic import Publication, atomic_path, publishing
-from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES
+from fmnist.constants import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES, ONNX_SUFFIX
 from fmnist.errors import FmnistError, first_line
 from fmnist.h5weights import save_h5
 from fmnist.inference import predict_logits
@@ -49,7 +49,7 @@ FILES: dict[str, str] = {
     "pth": "model.pth",
     "h5": "weights.h5",
     "pt2": "model.pt2",
-    "onnx": "model.onnx",
+    "onnx": f"model{ONNX_SUFFIX}",
 }
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 ONNX_INSTALL = "pip install -e .[onnx]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,18 @@ class _Refused(yaml.YAMLError):
         self.problem_mark, self.problem = mark, problem
 
 
+def _is_integer(_checker: Any, instance: Any) -> bool:
+    """An int, not a float with no fraction: JSON Schema counts 16.0 as an integer, but
+    range(), slicing and numpy's seeding refuse it (YAML reads `epochs: 16.0` as a float)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
     """The params schema: the one definition of every key, its range and its meaning."""
@@ -80,7 +93,29 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         got = sorted(map(_name, error.instance))
         return f"{path}: give either 'choices' or 'low' and 'high' (got {got})"
-    return f"{path}: {error.message}"
+    hint = _hint(error.instance) if error.validator == "type" else ""
+    return f"{path}: {error.message}{hint}"
+
+
+def _hint(value: Any) -> str:
+    """For a value of the wrong type, the usual ways of writing a number wrong: a whole number
+    with ".0", a quoted number, an exponent without a dot and a sign (YAML 1.1 reads 1e-4 as
+    a string)."""
+    if isinstance(value, float) and value.is_integer():
+        return f" (a whole number: write {int(value)})"
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if not math.isfinite(number):
+            return ""
+        if "e" not in value.lower():
+            return " (a number in quotes: write it without them)"
+        mantissa, exponent = f"{number:e}".split("e")
+        mantissa = mantissa.rstrip("0") + ("0" if mantissa.rstrip("0").endswith(".") else "")
+        return f" (YAML reads {value!r} as text: write {mantissa}e{int(exponent):+d})"
+    return ""
 
 
 def _first_nan(node: Any, path: str = "") -> str | None:
@@ -105,7 +140,7 @@ def validate(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     nan_at = _first_nan(params)
     if nan_at is not None:
         raise ParamsError(f"{source}: {nan_at}: NaN is not allowed")
-    validator = jsonschema.Draft202012Validator(schema())
+    validator = _Validator(schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(params))
     if error is not None:
         raise ParamsError(f"{source}: {_describe(error)}")
@@ -114,7 +149,12 @@ def validate(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def _check_cross_field(params: dict[str, Any], source: str) -> None:
-    """Rules that JSON Schema cannot express."""
+    """Rules that JSON Schema cannot express (or not in a message a user reads)."""
+    for index, place in enumerate(params["data"]["sources"]):
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", place)
+        if scheme and scheme.group(1).lower() not in ("http", "https"):
+            raise ParamsError(f"{source}: data.sources.{index}: {place!r}: only http:// and "
+                              "https:// URLs are fetched (or give a local folder)")
     train = params["train"]
     if train["nesterov"] and train["momentum"] == 0:
         raise ParamsError(f"{source}: train.nesterov: needs train.momentum > 0")
@@ -155,6 +195,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise ParamsError(f"{path}: unreadable YAML value: {exc}") from None
     except RecursionError:
         raise ParamsError(f"{path}: YAML nested too deeply") from None
+    if params is None:
+        raise ParamsError(f"{path}: empty (expected the mapping of sections params.yaml holds)")
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return validate(params, str(path))

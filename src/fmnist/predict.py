@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from fmnist.constants import IMAGE_SIZE, NUM_CLASSES, PT2_SUFFIX
+from fmnist.constants import IMAGE_SIZE, NUM_CLASSES, ONNX_SUFFIX, PT2_SUFFIX
 from fmnist.errors import FmnistError, first_line
 from fmnist.inference import predict_logits
 from fmnist.modelfile import H5_SUFFIXES, model_from_payload, read_model_file
@@ -69,6 +69,9 @@ def load_classifier(path: str | Path) -> Classifier:
     """The model (eval mode) and its class names from a .pth, .h5 or .pt2 file of this project."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix == ONNX_SUFFIX:
+        raise FmnistError(f"model file {path}: an ONNX model, which fmnist predict does not run "
+                          "(onnxruntime does); give it the .pth, .h5 or .pt2 export")
     if suffix == PT2_SUFFIX:
         from fmnist import pt2  # torch.export, only for a .pt2
 

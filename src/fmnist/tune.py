@@ -3,7 +3,8 @@ subset, scored on the validation split (never the test split), and stored in a d
 interrupted search resumes and several worker processes, on one machine or many, share it.
 
 Start more workers on the same study (from the repository root, same params.yaml and data):
-    python -m fmnist.tune worker --storage URL [--study NAME]
+    fmnist tune-worker --storage URL [--study NAME]
+(`python -m fmnist.tune worker` is the same without handling a signal during its imports.)
 """
 
 from __future__ import annotations
@@ -553,7 +554,7 @@ def _run_local_workers(data: Prepared, params: dict[str, Any], url: str, name: s
         raise FmnistError(f"tune: worker {failed[0]} failed (exit code {code})")
 
 
-# --- `python -m fmnist.tune worker` -----------------------------------------------------------
+# --- `fmnist tune-worker` (`python -m fmnist.tune worker`) ----------------------------------
 
 
 def _cli_worker(params: dict[str, Any], storage: str | None, study: str | None) -> None:
@@ -562,16 +563,27 @@ def _cli_worker(params: dict[str, Any], storage: str | None, study: str | None) 
     if storage:
         params = {**params, "tune": {**params["tune"], "storage": storage}}
     data = load_prepared()
+    if study is not None and study != study_name(params, data):
+        _refuse_study(study, params, data)  # before open_study adds a study of these params
     _, url, name = open_study(params, data)
-    if study is not None and study != name:
-        raise FmnistError(f"study {study}: params.yaml or the prepared data differ from it "
-                          f"(they give {name})")
     print(f"tune: worker on study {name} in {safe_url(url)}", flush=True)
     work(data, params, url, name, worker=os.getpid())
 
 
+def _refuse_study(study: str, params: dict[str, Any], data: Prepared) -> None:
+    """The one line for a --study that is not this params.yaml's: absent, or another's."""
+    url = storage_url(params["tune"]["storage"])
+    names = sorted(optuna.get_all_study_names(storage=open_storage(url)))
+    if study not in names:
+        raise FmnistError(f"study {study}: not in {safe_url(url)} (it holds: "
+                          f"{', '.join(names) or 'no study'})")
+    raise FmnistError(f"study {study}: params.yaml or the prepared data differ from it "
+                      f"(they give {study_name(params, data)})")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m fmnist.tune worker [--storage URL] [--study NAME]`: one more worker."""
+    """`fmnist tune-worker` and `python -m fmnist.tune worker [--storage URL] [--study NAME]`:
+    one more worker."""
     parser = argparse.ArgumentParser(prog="python -m fmnist.tune")
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="run trials of the shared study until its budget is met")
