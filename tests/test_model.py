@@ -190,7 +190,8 @@ def test_same_weights_give_the_same_file_bytes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change", [{"channels": [-4, 8]}, {"channels": [10**9]},
-                                    {"hidden": "512"}, {"dropout": 2.0}])
+                                    {"hidden": "512"}, {"dropout": 2.0},
+                                    {"hidden": 512.0}])  # an integer to JSON Schema, not to torch
 def test_a_model_config_params_yaml_could_not_hold_is_refused_in_one_line(
     tmp_path: Path, change: dict
 ) -> None:

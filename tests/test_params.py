@@ -114,12 +114,18 @@ def _message(tmp_path: Path, params: Any) -> str:
         ("data.sources", [], "data.sources"),
         ("data.sources", ["/usr/share/datasets/fashion-mnist", "ftp://example.org/fm"],
          "data.sources.1: 'ftp://example.org/fm': only http:// and https:// URLs are fetched"),
+        # download fetches "http://" as written: "HTTP://" would be looked for as a folder
+        ("data.sources", ["HTTP://example.org/fm"], "data.sources.0: 'HTTP://example.org/fm': "
+         "only http:// and https:// URLs are fetched"),
+        ("tune.trials", "1e3", "tune.trials: '1e3' is not of type 'integer' (YAML reads '1e3' as "
+         "text: write 1000)"),
         ("model.channels", [32, 0], "model.channels.1: 0 is less than the minimum of 1"),
         ("tune.space.lr", {"low": 0.1}, "tune.space.lr"),
         ("tune.space.lr", {"low": 0.3, "high": 0.1}, "tune.space.lr: low 0.3 > high 0.1"),
     ],
     ids=["yaml11-float", "quoted-number", "integer", "whole-float", "whole-float-or-null", "bool",
-         "enum", "empty-list", "url-scheme", "list-item", "range-entry", "low-high"],
+         "enum", "empty-list", "url-scheme", "url-scheme-case", "exponent-for-integer",
+         "list-item", "range-entry", "low-high"],
 )
 def test_each_kind_of_bad_value_names_its_key(
     tmp_path: Path, key: str, value: Any, expected: str
@@ -326,3 +332,14 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="anchors and aliases") as info:
         load_params(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train.augment.flip", 1.0), ("model.channels", 32.0),
+                                            ("train.nesterov", "0")],
+                         ids=["float-for-bool", "float-for-list", "quoted-for-bool"])
+def test_a_number_hint_is_given_only_where_a_number_belongs(
+    tmp_path: Path, key: str, value: Any
+) -> None:
+    message = _message(tmp_path, _with(key, value))
+    assert message.endswith("is not of type 'boolean'") or message.endswith(
+        "is not of type 'array'"), message

@@ -24,6 +24,7 @@ from fmnist.data import Prepared, Split
 from fmnist.errors import ParamsError
 from fmnist.params import load_params
 from fmnist.tune import (
+    check_space,
     grid_points,
     make_sampler,
     open_storage,
@@ -200,6 +201,13 @@ def test_a_combination_invalid_together_is_refused_before_training(tmp_path: Pat
         storage_url(None, tmp_path))
 
 
+def test_a_whole_float_bound_of_an_integer_key_is_refused_with_the_integer_to_write() -> None:
+    params = tiny_params(space={"batch_size": {"low": 32.0, "high": 64}})
+    with pytest.raises(ParamsError, match=r"tune\.space\.batch_size\.low: batch_size needs an "
+                                          r"integer \(a whole number: write 32\)$"):
+        check_space(params)
+
+
 @pytest.mark.parametrize(("choices", "refused"), [([64, 0], "0"), ([64.0], "64.0")],
                          ids=["out-of-range", "whole-float"])
 def test_a_choice_outside_the_train_schema_is_refused_before_training(
@@ -245,18 +253,19 @@ def test_a_worker_started_from_the_command_line_joins_the_stage_study(tmp_path: 
     workers = [t.user_attrs["worker"] for t in study.trials]
     assert workers[1] == workers[2] != workers[0]  # the new process ran both new trials
 
+    # params.yaml edited since (another study name): a refused --study adds no study of its own
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(trials=3, seed=1)))
     absent = _tune_worker(tmp_path, "--study", "fmnist-000000000000")
     assert absent.returncode == 1
     assert absent.stderr.strip().splitlines() == [
         f"tune: study fmnist-000000000000: not in {url} (it holds: {first.study_name})"]
-    optuna.create_study(study_name="fmnist-other", storage=url)  # another params.yaml's
-    refused = _tune_worker(tmp_path, "--study", "fmnist-other")
+    assert optuna.get_all_study_names(url) == [first.study_name]
+    refused = _tune_worker(tmp_path, "--study", first.study_name)
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines() == [
-        f"tune: study fmnist-other: params.yaml or the prepared data differ from it "
-        f"(they give {first.study_name})"]
-    # neither refusal added a study of its own
-    assert sorted(optuna.get_all_study_names(url)) == sorted([first.study_name, "fmnist-other"])
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith(f"tune: study {first.study_name}: params.yaml or the "
+                                     "prepared data differ from it (they give fmnist-")
+    assert optuna.get_all_study_names(url) == [first.study_name]
 
 
 # --- confirmation of the best with new seeds ----------------------------------------------------

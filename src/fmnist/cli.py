@@ -207,10 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _interrupted(args.command, signum)
             if isinstance(exc, BrokenPipeError):
                 # what is left in the buffer has no reader: drop it, as `yes | head` does
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
                 return EXIT_BROKEN_PIPE
             if isinstance(exc, FmnistError):
-                print(f"fmnist {args.command}: {exc}", file=sys.stderr)
+                from fmnist.predict import printable
+
+                print(f"fmnist {args.command}: {printable(str(exc))}", file=sys.stderr)
                 return EXIT_USAGE
             raise
         except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from fmnist.constants import (
 )
 from fmnist.errors import FmnistError
 from fmnist.model import FLIP_TTA, TEMPERATURE, build_model, model_config
-from fmnist.params import schema
+from fmnist.params import ParamsValidator, schema
 
 FORMAT = "fmnist-model"
 FORMAT_VERSION = 1
@@ -127,9 +127,7 @@ def check_model_config(config: Any, source: str | Path) -> None:
         FLIP_TTA: {"type": "boolean"},
         TEMPERATURE: {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
     }
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(section).iter_errors(config)
-    )
+    error = jsonschema.exceptions.best_match(ParamsValidator(section).iter_errors(config))
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path) or "model_config"
         raise FmnistError(f"model file {source}: invalid model config: {where}: {error.message}")

@@ -52,7 +52,8 @@ def _is_integer(_checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-_Validator = jsonschema.validators.extend(
+# The validator of params.yaml and of the model configs model files carry (fmnist.modelfile).
+ParamsValidator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
 )
@@ -93,29 +94,34 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         got = sorted(map(_name, error.instance))
         return f"{path}: give either 'choices' or 'low' and 'high' (got {got})"
-    hint = _hint(error.instance) if error.validator == "type" else ""
+    hint = _hint(error.instance, error.validator_value) if error.validator == "type" else ""
     return f"{path}: {error.message}{hint}"
 
 
-def _hint(value: Any) -> str:
-    """For a value of the wrong type, the usual ways of writing a number wrong: a whole number
-    with ".0", a quoted number, an exponent without a dot and a sign (YAML 1.1 reads 1e-4 as
-    a string)."""
-    if isinstance(value, float) and value.is_integer():
+def _hint(value: Any, expected: str | list[str]) -> str:
+    """Where a number was expected, the usual ways of writing one wrong: a whole number with
+    ".0", a quoted number, an exponent without a dot and a sign (YAML 1.1 reads 1e-4 as text)."""
+    types = [expected] if isinstance(expected, str) else list(expected)
+    integer, number = "integer" in types, "number" in types
+    if isinstance(value, float) and value.is_integer() and integer:
         return f" (a whole number: write {int(value)})"
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return ""
-        if not math.isfinite(number):
-            return ""
-        if "e" not in value.lower():
-            return " (a number in quotes: write it without them)"
-        mantissa, exponent = f"{number:e}".split("e")
+    if not isinstance(value, str) or not (integer or number):
+        return ""
+    try:
+        parsed = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(parsed):
+        return ""
+    if not isinstance(yaml.safe_load(value), str):  # unquoted, YAML reads it as a number
+        return " (a number in quotes: write it without them)"
+    if integer and not number and parsed.is_integer():
+        written = str(int(parsed))
+    else:
+        mantissa, exponent = f"{parsed:e}".split("e")
         mantissa = mantissa.rstrip("0") + ("0" if mantissa.rstrip("0").endswith(".") else "")
-        return f" (YAML reads {value!r} as text: write {mantissa}e{int(exponent):+d})"
-    return ""
+        written = f"{mantissa}e{int(exponent):+d}"
+    return f" (YAML reads {value!r} as text: write {written})"
 
 
 def _first_nan(node: Any, path: str = "") -> str | None:
@@ -140,7 +146,7 @@ def validate(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     nan_at = _first_nan(params)
     if nan_at is not None:
         raise ParamsError(f"{source}: {nan_at}: NaN is not allowed")
-    validator = _Validator(schema())
+    validator = ParamsValidator(schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(params))
     if error is not None:
         raise ParamsError(f"{source}: {_describe(error)}")
@@ -152,7 +158,7 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
     """Rules that JSON Schema cannot express (or not in a message a user reads)."""
     for index, place in enumerate(params["data"]["sources"]):
         scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", place)
-        if scheme and scheme.group(1).lower() not in ("http", "https"):
+        if scheme and scheme.group(1) not in ("http", "https"):  # download matches them exactly
             raise ParamsError(f"{source}: data.sources.{index}: {place!r}: only http:// and "
                               "https:// URLs are fetched (or give a local folder)")
     train = params["train"]

@@ -65,6 +65,10 @@ class _Surplus(Exception):
 # --- search space -----------------------------------------------------------------------------
 
 
+def _is_int_value(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_int_key(key: str) -> bool:
     return schema()["properties"]["train"]["properties"][key].get("type") == "integer"
 
@@ -85,8 +89,11 @@ def check_space(params: dict[str, Any]) -> None:
             if kind == "integer":
                 for name in ("low", "high", "step"):
                     value = entry.get(name)
-                    if value is not None and float(value) != int(value):
-                        raise ParamsError(f"params.yaml: {where}.{name}: {key} needs an integer")
+                    if value is not None and not _is_int_value(value):
+                        whole = (f" (a whole number: write {int(value)})"
+                                 if float(value).is_integer() else "")
+                        raise ParamsError(f"params.yaml: {where}.{name}: {key} needs an "
+                                          f"integer{whole}")
         for value in candidates:
             try:
                 validate(trial_params(params, {key: value}))
