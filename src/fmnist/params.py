@@ -46,16 +46,17 @@ class _Refused(yaml.YAMLError):
         self.problem_mark, self.problem = mark, problem
 
 
-def _is_integer(_checker: Any, instance: Any) -> bool:
+def is_integer(value: Any) -> bool:
     """An int, not a float with no fraction: JSON Schema counts 16.0 as an integer, but
     range(), slicing and numpy's seeding refuse it (YAML reads `epochs: 16.0` as a float)."""
-    return isinstance(instance, int) and not isinstance(instance, bool)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # The validator of params.yaml and of the model configs model files carry (fmnist.modelfile).
 ParamsValidator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: is_integer(value)),
 )
 
 
@@ -94,11 +95,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         got = sorted(map(_name, error.instance))
         return f"{path}: give either 'choices' or 'low' and 'high' (got {got})"
-    hint = _hint(error.instance, error.validator_value) if error.validator == "type" else ""
+    hint = number_hint(error.instance, error.validator_value) if error.validator == "type" else ""
     return f"{path}: {error.message}{hint}"
 
 
-def _hint(value: Any, expected: str | list[str]) -> str:
+def number_hint(value: Any, expected: str | list[str]) -> str:
     """Where a number was expected, the usual ways of writing one wrong: a whole number with
     ".0", a quoted number, an exponent without a dot and a sign (YAML 1.1 reads 1e-4 as text)."""
     types = [expected] if isinstance(expected, str) else list(expected)

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fmnist.accel import runtime_identity, select_backend
 from fmnist.constants import TUNE_STUDY_DIR
 from fmnist.errors import FmnistError, ParamsError, first_line
-from fmnist.params import schema, validate
+from fmnist.params import is_integer, number_hint, schema, validate
 from fmnist.sources import code_digest
 from fmnist.train import fit
 
@@ -65,10 +65,6 @@ class _Surplus(Exception):
 # --- search space -----------------------------------------------------------------------------
 
 
-def _is_int_value(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_int_key(key: str) -> bool:
     return schema()["properties"]["train"]["properties"][key].get("type") == "integer"
 
@@ -89,11 +85,9 @@ def check_space(params: dict[str, Any]) -> None:
             if kind == "integer":
                 for name in ("low", "high", "step"):
                     value = entry.get(name)
-                    if value is not None and not _is_int_value(value):
-                        whole = (f" (a whole number: write {int(value)})"
-                                 if float(value).is_integer() else "")
+                    if value is not None and not is_integer(value):
                         raise ParamsError(f"params.yaml: {where}.{name}: {key} needs an "
-                                          f"integer{whole}")
+                                          f"integer{number_hint(value, 'integer')}")
         for value in candidates:
             try:
                 validate(trial_params(params, {key: value}))
