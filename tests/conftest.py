@@ -67,15 +67,7 @@ def keep_nan_fill_on(
 def signal_state_restored() -> Iterator[None]:
     """Put the SIGINT/SIGTERM handlers, sys.unraisablehook (signals.install wraps it) and
     fmnist.signals' record back as the test found them."""
-    import signal
-    import sys
-
     from fmnist import signals
 
-    handlers = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
-    hook = sys.unraisablehook
-    yield
-    signals.reset()
-    sys.unraisablehook = hook
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+    with signals.restored():
+        yield

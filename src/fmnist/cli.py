@@ -17,8 +17,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from fmnist import __version__, signals
 from fmnist.constants import EXPORT_DIR
@@ -95,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_tune_worker(args: argparse.Namespace) -> int:
     """One more worker, through the tune stage's own entry (one-line errors, exit codes)."""
-    from fmnist import signals
-
     signals.handle_signals_while_importing("tune")  # torch's import takes seconds
     from fmnist.tune import main as tune_main
 
@@ -165,23 +162,6 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_BAD_IMAGE if errors else EXIT_OK
 
 
-@contextmanager
-def signals_handled() -> Iterator[None]:
-    """fmnist.signals' handlers for one command: SIGTERM, like Ctrl-C, raises `Interrupted`,
-    and one swallowed is still recorded. The handlers, sys.unraisablehook and the record are
-    put back afterwards (`main` may run more than once in a process)."""
-    handlers = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
-    hook = sys.unraisablehook
-    signals.install()
-    try:
-        yield
-    finally:
-        signals.reset()
-        sys.unraisablehook = hook
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fmnist` console script; returns the exit status (tune-worker exits
     as the tune stage does, through SystemExit)."""
@@ -195,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # the tune stage's handlers turn signals into exits first
             print("fmnist tune-worker: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-    with signals_handled():
+    with signals.restored():  # `main` may run more than once in a process
+        signals.install()  # SIGTERM, like Ctrl-C, raises Interrupted; one swallowed is recorded
         try:
             status = run_predict(args)
             sys.stdout.flush()  # a reader gone (`| head`) shows here, not at the exit's flush

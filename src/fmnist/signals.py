@@ -117,3 +117,19 @@ def reset() -> None:
     global _received, _deferring
     _received = None
     _deferring = 0
+
+
+@contextmanager
+def restored() -> Iterator[None]:
+    """On leaving, the SIGINT/SIGTERM handlers, sys.unraisablehook (`install` wraps it) and the
+    record put back as they were: a command that installs for its own duration (`fmnist
+    predict`), a test."""
+    handlers = {signum: signal.getsignal(signum) for signum in HANDLED}
+    hook = sys.unraisablehook
+    try:
+        yield
+    finally:
+        reset()
+        sys.unraisablehook = hook
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
