@@ -41,15 +41,18 @@ import torch
 from fmnist.accel import BF16_NATIVE_CLASSES, cpu_class, dtype_name, select_backend
 from fmnist.allocator import KEPT, OWN, keep_freed_memory
 from fmnist.atomic import write_json, write_text
-from fmnist.constants import PREPARED_FILE
+from fmnist.constants import PREPARED_FILE, RAW_BYTES
 from fmnist.data import load_prepared
 from fmnist.inference import predict_logits
-from fmnist.model import model_config
+from fmnist.model import build_model, model_config
 from fmnist.params import load_params, schema, validate
 from fmnist.reproducibility import configure_torch, nan_fill
 from fmnist.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from throughput import forward_flops_per_image  # noqa: E402  (one FLOP count for the benches)
+
 RESULTS = ROOT / "bench" / "results"
 RUNS_FILE = RESULTS / "time_to_accuracy.json"
 TARGET_ACCURACY = 0.945
@@ -282,6 +285,62 @@ def class_label(run: dict[str, Any]) -> str:
     return label if allocator(run) == ALLOCATOR_KEPT else f"{label}, default malloc"
 
 
+# --- the compute floor ----------------------------------------------------------------------------
+# How fast a recipe could train at best: its matmul FLOPs at 100% of the matmul roof that
+# bench/throughput.py measured on the class. Seconds below the budget at the roof are necessary
+# for a recipe to fit it, not sufficient: a recipe whose floor is over the budget cannot fit on
+# that class by any kernel work.
+
+# The training split every stored run trained on: the 60,000 training images (the IDX label
+# file's size less its 8-byte header) less params.yaml's validation fraction.
+TRAIN_IMAGES_ALL = RAW_BYTES["train-labels-idx1-ubyte.gz"] - 8
+# The classes the issue sets budgets for, in the dtype each is held to.
+BUDGET_CLASSES = (("AVX2", "float32"), ("AVX512_BF16", "bfloat16"))
+
+
+def split_sizes(val_fraction: float) -> tuple[int, int]:
+    """(training, validation) images of the full split, as preprocess splits it."""
+    val = round(TRAIN_IMAGES_ALL * val_fraction)
+    return TRAIN_IMAGES_ALL - val, val
+
+
+def training_flops(forward: float, train: dict[str, Any], val_fraction: float) -> float:
+    """Matmul FLOPs (convolutions and linear layers) of one full training run of a model whose
+    forward costs `forward` FLOPs per image: 3 forwards per image per step (forward, the input
+    and weight gradients), 3 more on SAM steps, and the per-epoch validation's forward.
+    BatchNorm, pooling and the optimizer are left out: a floor."""
+    train_images, val_images = split_sizes(val_fraction)
+    steps_per_epoch = -(-train_images // train["batch_size"])
+    steps = train["epochs"] * steps_per_epoch
+    sam_from = round(train["sam_start"] * steps)  # as fit counts it
+    sam_share = -(-(steps - sam_from) // train["sam_every"]) / steps
+    epochs = train["epochs"]
+    return forward * (3 * train_images * epochs * (1 + sam_share) + val_images * epochs)
+
+
+def measured_roofs(results: Path) -> dict[tuple[str, str], float]:
+    """(CPU class, dtype) -> matmul GFLOP/s from bench/throughput.py's result files; the higher
+    one where a class has several (a floor must not overstate the cost)."""
+    roofs: dict[tuple[str, str], float] = {}
+    for path in sorted(results.glob("throughput*.json")):
+        result = json.loads(path.read_text())
+        if "roofline" not in result or "machine" not in result:
+            continue  # a file of repeats, not one measurement
+        for dtype, key in (("float32", "gflops_fp32"), ("bfloat16", "gflops_bf16")):
+            gflops = result["roofline"].get(key)
+            if gflops:
+                where = (result["machine"]["cpu_class"], dtype)
+                roofs[where] = max(gflops, roofs.get(where, 0.0))
+    return roofs
+
+
+def floor_seconds(flops: float, roofs: dict[tuple[str, str], float], cpu: str,
+                  dtype: str) -> float | None:
+    """Seconds at 100% of the class's measured roof; None where none was measured."""
+    gflops = roofs.get((cpu, dtype))
+    return flops / (gflops * 1e9) if gflops else None
+
+
 def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
     """One train-stage-equivalent run and its float32 test accuracy."""
     start = time.perf_counter()
@@ -333,12 +392,16 @@ def shipped_accuracy(run: dict[str, Any], flip_tta: bool) -> float:
     return run["test_acc"]
 
 
-def summarize(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], base: dict[str, Any],
+              roofs: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
     """One row per (CPU class, dtype, recipe): seeds, mean/std/min accuracy, mean seconds, the
     budget, and whether it is on that class's Pareto frontier (no other row both faster and more
     accurate). `base` is params.yaml (without --dtype): its evaluate.flip_tta decides the accuracy
-    shown, its recipe and dtype the default's mark."""
+    shown, its recipe and dtype the default's mark. With `roofs` (measured_roofs), each row's
+    compute floor on its own class and on the two budget classes."""
     flip_tta = base["evaluate"]["flip_tta"]
+    roofs = roofs or {}
+    val_fraction = base["preprocess"]["val_fraction"]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((class_label(run), run["dtype"], run["recipe"]), []).append(run)
@@ -347,8 +410,19 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str
         accs = [shipped_accuracy(m, flip_tta) for m in members]
         recipe = RECIPES.get(name)
         cpu_class_of_runs = members[0]["cpu_class"]
+        latest = members[-1]  # what the recipe trains now, for its FLOPs
+        forward = (forward_flops_per_image(build_model(latest["model"]))
+                   if "model" in latest and "train" in latest else None)
+        flops = training_flops(forward, latest["train"], val_fraction) if forward else None
+        # a CPU posing as a lesser class has no measured roof of that class
+        own_class = None if latest.get("isa_limit") else cpu_class_of_runs
         rows.append({
             "cpu_class": cpu, "dtype": dtype, "recipe": name,
+            "train_tflops": flops / 1e12 if flops else None,
+            "multiply_adds": forward / 2 if forward else None,
+            "floor_s": floor_seconds(flops, roofs, own_class, dtype) if flops else None,
+            "budget_floors_s": {f"{c} {d}": floor_seconds(flops, roofs, c, d) if flops else None
+                                for c, d in BUDGET_CLASSES},
             "description": recipe.description if recipe else name,
             "seeds": sorted(m["seed"] for m in members),
             "test_acc_mean": statistics.fmean(accs),
@@ -378,7 +452,80 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def budget_capacity(base: dict[str, Any],
+                    roofs: dict[tuple[str, str], float]) -> dict[str, float]:
+    """'CPU class dtype' -> the most multiply-adds per image a model may have for params.yaml's
+    schedule (epochs, batch, SAM phase) to train within the class's budget at 100% of its roof."""
+    per_forward_flop = training_flops(1.0, base["train"], base["preprocess"]["val_fraction"])
+    return {f"{cpu} {dtype}": BUDGET_S[dtype] * roofs[(cpu, dtype)] * 1e9 / per_forward_flop / 2
+            for cpu, dtype in BUDGET_CLASSES if (cpu, dtype) in roofs}
+
+
+def floor_section(rows: list[dict[str, Any]], capacity: dict[str, float]) -> list[str]:
+    """Each recipe's floor on the two budget classes: which recipes no kernel work can fit."""
+    by_recipe: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["train_tflops"] is None:
+            continue
+        best = by_recipe.setdefault(r["recipe"], {**r, "best": r})
+        if (len(r["seeds"]), r["test_acc_mean"]) > (len(best["best"]["seeds"]),
+                                                    best["best"]["test_acc_mean"]):
+            best["best"] = r
+    heads = [f"{label} floor s (budget {BUDGET_S[label.split()[1]]:,} s)"
+             for label in (f"{c} {d}" for c, d in BUDGET_CLASSES)]
+    lines = [
+        "",
+        "## The compute floor against the budgets",
+        "",
+        "Each recipe's matmul FLOPs (convolutions and linear layers: 3 forwards per training "
+        "image, 3 more on SAM steps, the per-epoch validation's forward; BatchNorm, pooling and "
+        "the optimizer left out) at 100% of the matmul roof `bench/throughput.py` measured on "
+        "each budget class (`floor s` in the table above: the same on the row's own class, with "
+        "the share of the roof the run reached). A recipe whose floor is over a budget cannot "
+        "train within it on that class, whatever its kernels; one under it may or may not. "
+        "Accuracy: the recipe's row with the most seeds on any class (the better mean of "
+        "rows with as many).",
+        "",
+        f"| recipe | M multiply-adds | training TFLOP | {' | '.join(heads)} | best test acc |",
+        "|---|---:|---:|" + "---:|" * len(heads) + "---|",
+    ]
+    for name, r in sorted(by_recipe.items(), key=lambda item: item[1]["train_tflops"]):
+        floors = []
+        for label in (f"{c} {d}" for c, d in BUDGET_CLASSES):
+            seconds = r["budget_floors_s"].get(label)
+            budget = BUDGET_S[label.split()[1]]
+            floors.append("-" if seconds is None
+                          else f"{seconds:,.0f}" + (" **over**" if seconds > budget else ""))
+        best = r["best"]
+        lines.append(
+            f"| {name} | {r['multiply_adds'] / 1e6:.1f} | {r['train_tflops']:,.1f} | "
+            f"{' | '.join(floors)} | {best['test_acc_mean']:.2%} ({best['cpu_class']}, "
+            f"{best['dtype']}, {plural(len(best['seeds']), 'seed')}) |"
+        )
+    if capacity:
+        lines += ["", "On params.yaml's schedule, the most a model may cost per image to fit a "
+                  "budget: " + "; ".join(
+                      capacity_phrase(label, macs, rows) for label, macs in capacity.items())
+                  + "."]
+    return lines
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def capacity_phrase(label: str, macs: float, rows: list[dict[str, Any]]) -> str:
+    """The class's capacity at the roof and at the best share of it any of its runs reached."""
+    shares = [r["floor_s"] / r["train_seconds_mean"] for r in rows
+              if f"{r['cpu_class']} {r['dtype']}" == label and r["floor_s"] is not None]
+    phrase = f"{label} {macs / 1e6:.1f}M multiply-adds at 100% of the roof"
+    if shares:
+        phrase += (f", {max(shares) * macs / 1e6:.1f}M at the best share of it a run reached "
+                   f"there ({max(shares):.0%})")
+    return phrase
+
+
+def markdown(rows: list[dict[str, Any]], capacity: dict[str, float] | None = None) -> str:
     lines = [
         "# Time to accuracy",
         "",
@@ -395,20 +542,24 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"{BUDGET_S['bfloat16'] // 60} min with native bf16; target {TARGET_ACCURACY:.1%}.",
         "",
         "| CPU class | dtype | recipe | seeds | test acc mean ± std (min) | plain | val acc "
-        "| train s | images/s | |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| train s | images/s | floor s (share) | |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         marks = ("*" if r["default"] else "") + ("F" if r["frontier"] else "")
         seconds = f"{r['train_seconds_mean']:,.0f}"
         if r.get("train_seconds_by_fill"):
             seconds += " (fill on {on:,.0f}, off {off:,.0f})".format(**r["train_seconds_by_fill"])
+        floor = ("-" if r["floor_s"] is None else
+                 f"{r['floor_s']:,.0f} ({r['floor_s'] / r['train_seconds_mean']:.0%})")
         lines.append(
             f"| {r['cpu_class']} | {r['dtype']} | {r['recipe']}: {r['description']} "
             f"| {len(r['seeds'])} | {r['test_acc_mean']:.2%} ± {r['test_acc_std']:.2%} "
             f"({r['test_acc_min']:.2%}) | {r['plain_acc_mean']:.2%} | {r['val_acc_mean']:.2%} "
-            f"| {seconds} | {r['images_per_s']:,.0f} | {marks} |"
+            f"| {seconds} | {r['images_per_s']:,.0f} | {floor} | {marks} |"
         )
+    if any(r["train_tflops"] is not None for r in rows):
+        lines += floor_section(rows, capacity or {})
     return "\n".join(lines) + "\n"
 
 
@@ -429,6 +580,11 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
                         color="tab:red" if r["default"] else "tab:blue", capsize=3)
             ax.annotate(r["recipe"], (r["train_seconds_mean"], 100 * r["test_acc_mean"]),
                         textcoords="offset points", xytext=(5, 4), fontsize=8)
+            if r["floor_s"] is not None:  # where the run would sit at 100% of the roof
+                ax.plot([r["floor_s"], r["train_seconds_mean"]], [100 * r["test_acc_mean"]] * 2,
+                        ":", color="grey", lw=0.8)
+                ax.plot(r["floor_s"], 100 * r["test_acc_mean"], "o", mfc="none", color="grey",
+                        markersize=5)
         front = sorted((r for r in mine if r["frontier"]), key=lambda r: r["train_seconds_mean"])
         ax.plot([r["train_seconds_mean"] for r in front],
                 [100 * r["test_acc_mean"] for r in front], "--", color="grey", label="frontier")
@@ -437,6 +593,9 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
             ax.axvline(mine[0]["budget_s"], color="tab:orange", lw=1, label="budget")
         ax.set(xlabel="train stage seconds", ylabel="test accuracy (%)",
                title=f"{cpu}, {dtype}, 2 threads (* = default)")
+        if any(r["floor_s"] is not None for r in mine):
+            ax.plot([], [], "o", mfc="none", color="grey", markersize=5,
+                    label="at 100% of the roof")
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,11 +660,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"time_to_accuracy: {name} seed {seed}: test "
                       f"{runs[-1]['test_acc']:.4f} in {runs[-1]['train_seconds']:.0f} s",
                       file=sys.stderr, flush=True)
-    rows = summarize(runs, params_yaml)
-    write_text(args.markdown, markdown(rows))
+    roofs = measured_roofs(RESULTS)
+    rows = summarize(runs, params_yaml, roofs)
+    report = markdown(rows, budget_capacity(params_yaml, roofs))
+    write_text(args.markdown, report)
     if rows:
         figure(rows, Path(args.figure))
-    print(markdown(rows))
+    print(report)
     return 0
 
 

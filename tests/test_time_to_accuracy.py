@@ -6,6 +6,7 @@ and is neither marked as the default nor held to a budget the issue does not set
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,72 @@ def test_a_run_records_the_nan_fill_it_trained_with(keep_nan_fill_on: Callable[[
     assert 0.0 <= run["test_acc"] <= 1.0 and len(run["epoch_seconds"]) == 1
     keep_nan_fill_on()
     assert bench.run_one(data, params, "tiny")["nan_fill"] is True
+
+
+# --- the compute floor ---------------------------------------------------------------------------
+
+
+def _train(**changes: Any) -> dict[str, Any]:
+    return {"epochs": 2, "batch_size": 100, "sam_start": 0.0, "sam_every": 1, **changes}
+
+
+def test_the_floor_counts_sam_steps_twice_and_validation_once() -> None:
+    train_images, val_images = bench.split_sizes(0.1)
+    assert (train_images, val_images) == (54_000, 6_000)  # preprocess's split of the 60,000
+    plain = bench.training_flops(1.0, _train(sam_start=1.0), 0.1)
+    assert plain == 2 * (3 * train_images + val_images)
+    full_sam = bench.training_flops(1.0, _train(), 0.1)
+    assert full_sam == 2 * (6 * train_images + val_images)
+    # SAM on every other step of the second half: a quarter of the steps
+    quarter = bench.training_flops(1.0, _train(sam_start=0.5, sam_every=2), 0.1)
+    assert quarter == pytest.approx(2 * (3.75 * train_images + val_images))
+    assert bench.training_flops(2.0, _train(), 0.1) == 2 * full_sam
+
+
+def test_roofs_come_from_the_throughput_results_and_the_higher_one_wins(tmp_path: Path) -> None:
+    def write(name: str, cpu: str, fp32: float, bf16: float | None) -> None:
+        (tmp_path / name).write_text(json.dumps(
+            {"machine": {"cpu_class": cpu},
+             "roofline": {"gflops_fp32": fp32, "gflops_bf16": bf16}}))
+
+    write("throughput.json", "AVX2", 190.0, None)
+    write("throughput_avx2.json", "AVX2", 150.0, None)  # read last
+    write("throughput_avx512_bf16.json", "AVX512_BF16", 200.0, 400.0)
+    (tmp_path / "throughput_avx512_bf16_repeats.json").write_text('{"runs": []}')
+    assert bench.measured_roofs(tmp_path) == {
+        ("AVX2", "float32"): 190.0, ("AVX512_BF16", "float32"): 200.0,
+        ("AVX512_BF16", "bfloat16"): 400.0}
+
+
+def _sized_run(recipe: str, channels: list[int], seconds: float, isa_limit: str = "") -> dict:
+    model = {"channels": channels, "convs_per_block": 2, "batch_norm": True, "dropout": 0.1,
+             "hidden": 512}
+    return {**_run(isa_limit, 0.94, seconds), "recipe": recipe, "model": model,
+            "train": _train(epochs=16, batch_size=128, sam_start=0.75)}
+
+
+def test_a_recipe_whose_floor_is_over_a_budget_is_marked_and_its_share_shown() -> None:
+    base = load_params(REPO / "params.yaml")
+    roofs = {("AVX2", "float32"): 200.0, ("AVX512_BF16", "bfloat16"): 400.0}
+    small = _sized_run("late-e16", [16, 32, 64, 128], 600)
+    wide = _sized_run("late-h16", [32, 64, 128, 256], 2_000)
+    emulated = _sized_run("late-e16", [16, 32, 64, 128], 590, "ONEDNN_MAX_CPU_ISA=AVX2")
+    rows = {(r["recipe"], r["cpu_class"]): r
+            for r in bench.summarize([small, wide, emulated], base, roofs)}
+    e16, h16 = rows["late-e16", "AVX2"], rows["late-h16", "AVX2"]
+    assert h16["multiply_adds"] > 3.9 * e16["multiply_adds"]  # twice the width: ~4x
+    assert e16["floor_s"] == pytest.approx(e16["train_tflops"] * 1e12 / 200e9)
+    assert rows["late-e16", "AVX2 (emulated)"]["floor_s"] is None  # no roof of a posed class
+    capacity = bench.budget_capacity(base, roofs)
+    text = bench.markdown(list(rows.values()), capacity)
+    share = e16["floor_s"] / 600
+    assert f"| {e16['floor_s']:,.0f} ({share:.0%}) |" in text
+    floor_rows = {line.split(" | ")[0]: line for line in text.splitlines()
+                  if line.startswith("| late-")}
+    assert floor_rows["| late-h16"].count("**over**") == 2
+    assert "**over**" not in floor_rows["| late-e16"]
+    # the capacity is the model size whose floor is the budget exactly
+    macs = capacity["AVX2 float32"]
+    per_forward = bench.training_flops(1.0, base["train"], 0.1)
+    assert 2 * macs * per_forward / 200e9 == pytest.approx(bench.BUDGET_S["float32"])
+    assert f"AVX2 float32 {macs / 1e6:.1f}M multiply-adds" in text
