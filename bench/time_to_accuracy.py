@@ -71,6 +71,7 @@ WIDE_HEAD = {"channels": [32, 32, 64, 128], "convs_per_block": 2}
 LARGE_DEEP = {"channels": [32, 64, 128, 256], "convs_per_block": 2}
 LARGE_TAIL = {"channels": [16, 64, 128, 256], "convs_per_block": 2}
 WIDE_14 = {"channels": [16, 64, 64, 128], "convs_per_block": 2}
+WIDE_HEAD_LAYER = {**SMALL_DEEP, "hidden": 2048}
 CROP_2 = {"augment": {"flip": True, "crop_padding": 2}}
 FLIP_ONLY = {"augment": {"flip": True, "crop_padding": 0}}
 NO_DROPOUT = {"dropout": 0.0}
@@ -140,6 +141,8 @@ RECIPES = {
                        "only, no dropout, weight decay 2.5e-4, 16 epochs, SAM in the last quarter, "
                        "EMA", {**WIDE_14, **NO_DROPOUT},
                        {**_late(16, 0.75), **FLIP_ONLY, **HALF_WEIGHT_DECAY}),
+    "late-v16": Recipe("16/32/64/128 x2 (4 blocks), hidden layer 2048 (4x), 16 epochs, SAM in "
+                       "the last quarter, EMA", WIDE_HEAD_LAYER, _late(16, 0.75)),
     "late-w16": Recipe("32/64/128/256 x2 (4 blocks, twice the default's width), flips only, no "
                        "dropout, weight decay 2.5e-4, 16 epochs, SAM in the last quarter, EMA",
                        {**LARGE_DEEP, **NO_DROPOUT},

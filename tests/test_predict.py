@@ -413,3 +413,14 @@ def test_an_onnx_model_is_refused_naming_what_runs_it(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         f"fmnist predict: model file {tmp_path / 'model.onnx'}: an ONNX model, which fmnist "
         "predict does not run (onnxruntime does); give it the .pth, .h5 or .pt2 export"]
+
+
+@pytest.mark.parametrize("top_k", ["0", "11", "three"])
+def test_a_top_k_outside_the_classes_is_a_usage_error(tmp_path: Path, top_k: str) -> None:
+    """--top-k 11 used to show the 10 classes there are without a word."""
+    Image.fromarray(_garment_like(1)[0], "L").save(tmp_path / "a.png")
+    done = _cli("predict", str(tmp_path / "a.png"), "--top-k", top_k)
+    assert done.returncode == 2
+    expected = (f"not an integer: {top_k!r}" if top_k == "three"
+                else f"must be 1 to 10 (the classes there are), got {top_k}")
+    assert done.stderr.strip().splitlines()[-1].endswith(f"argument --top-k: {expected}")

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from fmnist import __version__, signals
-from fmnist.constants import EXPORT_DIR
+from fmnist.constants import EXPORT_DIR, NUM_CLASSES
 from fmnist.errors import FmnistError
 
 EXIT_OK = 0
@@ -31,13 +31,14 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 DEFAULT_MODEL = f"{EXPORT_DIR}/model.pth"
 
 
-def _positive_int(text: str) -> int:
+def _class_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not 1 <= value <= NUM_CLASSES:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to {NUM_CLASSES} (the classes there are), got {value}")
     return value
 
 
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"model file, .pth, .h5 or .pt2 (default: {DEFAULT_MODEL})",
     )
     predict.add_argument(
-        "--top-k", type=_positive_int, default=3, help="classes shown per image (default: 3)"
+        "--top-k", type=_class_count, default=3,
+        help=f"classes shown per image, 1 to {NUM_CLASSES} (default: 3)",
     )
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument(
