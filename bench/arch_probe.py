@@ -48,6 +48,7 @@ from fmnist.allocator import keep_freed_memory  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
 from fmnist.constants import IMAGE_SIZE, INPUT_SHAPE, NUM_CLASSES  # noqa: E402
 from fmnist.data import load_prepared  # noqa: E402
+from fmnist.flops import multiply_adds  # noqa: E402
 from fmnist.model import CNN, Normalize, build_model  # noqa: E402
 from fmnist.params import load_params  # noqa: E402
 from fmnist.reproducibility import configure_torch, nan_fill  # noqa: E402
@@ -103,32 +104,6 @@ def parse_arch(text: str) -> list[int]:
 def make_model(arch: str, params_model: dict[str, Any]) -> nn.Module:
     return EarlyPoolCNN(parse_arch(arch), float(params_model["dropout"]),
                         int(params_model["hidden"]))
-
-
-def multiply_adds(model: nn.Module) -> int:
-    """Per image, forward: convolutions and linear layers (what float32 on AVX2 pays for)."""
-    total = 0
-
-    def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kernel = module.kernel_size[0] * module.kernel_size[1]
-            total += output[0].numel() * module.in_channels // module.groups * kernel
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model._logits(torch.zeros(1, *INPUT_SHAPE))  # one view, whatever flip_tta says
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return total
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ from fmnist.accel import Backend, cpu_bf16_native, cpu_class, ipex_status, selec
 from fmnist.allocator import applied, keep_freed_memory
 from fmnist.constants import NORM_MEAN, NORM_STD, PREPARED_FILE
 from fmnist.errors import FmnistError
+from fmnist.flops import multiply_adds, step_multiply_adds
 from fmnist.model import build_model
 from fmnist.params import load_params
 from fmnist.reproducibility import configure_torch, nan_fill, seed_everything
@@ -304,31 +305,6 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def forward_flops_per_image(model: nn.Module) -> int:
-    """2 x the multiply-accumulates of every Conv2d and Linear for one 28x28 image."""
-    macs = 0
-
-    def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            macs += output.numel() * module.in_channels // module.groups * kh * kw
-        elif isinstance(module, nn.Linear):
-            macs += output.numel() * module.in_features
-
-    hooks = [
-        m.register_forward_hook(count)
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28))
-    for hook in hooks:
-        hook.remove()
-    return 2 * macs
-
-
 # --- accuracy after a fixed short budget ----------------------------------------------------------
 
 
@@ -573,8 +549,9 @@ def targets(rows: dict[str, Any], base: float | None) -> list[str]:
 
 
 def roofline(params: dict) -> dict[str, float]:
-    forward = forward_flops_per_image(build_model(params["model"]))
-    sam = 6 * forward  # training ~3x forward (forward + two backward matmuls), SAM two passes
+    model = build_model(params["model"])
+    forward = 2 * multiply_adds(model)
+    sam = 2 * step_multiply_adds(model, sam=True)
     fp32 = matmul_gflops(torch.float32)
     # Emulated bf16 matmuls take minutes on an AVX2-only CPU and bound nothing we run there.
     bf16 = matmul_gflops(torch.bfloat16) if cpu_bf16_native() else None

@@ -43,6 +43,7 @@ from fmnist.allocator import KEPT, OWN, keep_freed_memory
 from fmnist.atomic import write_json, write_text
 from fmnist.constants import PREPARED_FILE, RAW_BYTES
 from fmnist.data import load_prepared
+from fmnist.flops import multiply_adds, step_multiply_adds
 from fmnist.inference import predict_logits
 from fmnist.model import build_model, model_config
 from fmnist.params import load_params, schema, validate
@@ -50,9 +51,6 @@ from fmnist.reproducibility import configure_torch, nan_fill
 from fmnist.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from throughput import forward_flops_per_image  # noqa: E402  (one FLOP count for the benches)
-
 RESULTS = ROOT / "bench" / "results"
 RUNS_FILE = RESULTS / "time_to_accuracy.json"
 TARGET_ACCURACY = 0.945
@@ -289,16 +287,34 @@ def class_label(run: dict[str, Any]) -> str:
 
 
 # --- the compute floor ----------------------------------------------------------------------------
-# How fast a recipe could train at best: its matmul FLOPs at 100% of the matmul roof that
-# bench/throughput.py measured on the class. Seconds below the budget at the roof are necessary
-# for a recipe to fit it, not sufficient: a recipe whose floor is over the budget cannot fit on
-# that class by any kernel work.
+# How fast a recipe could train at best: its matmul work (fmnist.flops: direct convolutions and
+# linear layers) at 100% of the matmul rate bench/throughput.py measured on the class (a
+# 2048x2048 matmul through torch, at the same threads). A recipe whose floor is over a budget
+# cannot fit it on that class with these kernels' best matmul rate and direct convolutions
+# (Winograd-style convolutions, which multiply less, are not counted); one under it may or may
+# not fit.
 
 # The training split every stored run trained on: the 60,000 training images (the IDX label
 # file's size less its 8-byte header) less params.yaml's validation fraction.
 TRAIN_IMAGES_ALL = RAW_BYTES["train-labels-idx1-ubyte.gz"] - 8
-# The classes the issue sets budgets for, in the dtype each is held to.
+# The classes the issue sets budgets for, in the dtype each is held to, on its 2 cores.
 BUDGET_CLASSES = (("AVX2", "float32"), ("AVX512_BF16", "bfloat16"))
+BUDGET_THREADS = 2
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Multiply-adds per image: one forward, one plain training step, one SAM step."""
+
+    forward: int
+    plain_step: int
+    sam_step: int
+
+    @classmethod
+    def of(cls, model_config: dict[str, Any]) -> ModelCost:
+        model = build_model(model_config)
+        return cls(multiply_adds(model), step_multiply_adds(model, sam=False),
+                   step_multiply_adds(model, sam=True))
 
 
 def split_sizes(val_fraction: float) -> tuple[int, int]:
@@ -307,24 +323,37 @@ def split_sizes(val_fraction: float) -> tuple[int, int]:
     return TRAIN_IMAGES_ALL - val, val
 
 
-def training_flops(forward: float, train: dict[str, Any], val_fraction: float) -> float:
-    """Matmul FLOPs (convolutions and linear layers) of one full training run of a model whose
-    forward costs `forward` FLOPs per image: 3 forwards per image per step (forward, the input
-    and weight gradients), 3 more on SAM steps, and the per-epoch validation's forward.
-    BatchNorm, pooling and the optimizer are left out: a floor."""
+def sam_images(train: dict[str, Any], train_images: int) -> int:
+    """Training images that go through a SAM step: the steps from `sam_start` on, every
+    `sam_every`-th, counted as fit counts them (a short last batch in each epoch); none but
+    with SAM as the optimizer."""
+    if train.get("optimizer", "sam") != "sam":
+        return 0
+    batch = train["batch_size"]
+    per_epoch = -(-train_images // batch)
+    last_batch = train_images - (per_epoch - 1) * batch
+    steps = train["epochs"] * per_epoch
+    sam_from = round(train["sam_start"] * train["epochs"] * per_epoch)  # fit's formula
+    return sum(last_batch if step % per_epoch == per_epoch - 1 else batch
+               for step in range(sam_from, steps, train["sam_every"]))
+
+
+def training_flops(cost: ModelCost, train: dict[str, Any], val_fraction: float) -> float:
+    """Matmul FLOPs of one full training run: each training image's plain step per epoch, a
+    SAM step instead where SAM runs, and the per-epoch validation's forward. BatchNorm,
+    pooling and the optimizer are left out: a floor."""
     train_images, val_images = split_sizes(val_fraction)
-    steps_per_epoch = -(-train_images // train["batch_size"])
-    steps = train["epochs"] * steps_per_epoch
-    sam_from = round(train["sam_start"] * steps)  # as fit counts it
-    sam_share = -(-(steps - sam_from) // train["sam_every"]) / steps
-    epochs = train["epochs"]
-    return forward * (3 * train_images * epochs * (1 + sam_share) + val_images * epochs)
+    sam = sam_images(train, train_images)
+    plain = train["epochs"] * train_images - sam
+    validation = train["epochs"] * val_images
+    macs = plain * cost.plain_step + sam * cost.sam_step + validation * cost.forward
+    return 2.0 * macs
 
 
-def measured_roofs(results: Path) -> dict[tuple[str, str], float]:
-    """(CPU class, dtype) -> matmul GFLOP/s from bench/throughput.py's result files; the higher
-    one where a class has several (a floor must not overstate the cost)."""
-    roofs: dict[tuple[str, str], float] = {}
+def measured_roofs(results: Path) -> dict[tuple[str, str, int], float]:
+    """(CPU class, dtype, threads) -> matmul GFLOP/s from bench/throughput.py's result files;
+    the higher one where there are several (a floor must not overstate the cost)."""
+    roofs: dict[tuple[str, str, int], float] = {}
     for path in sorted(results.glob("throughput*.json")):
         result = json.loads(path.read_text())
         if "roofline" not in result or "machine" not in result:
@@ -332,15 +361,15 @@ def measured_roofs(results: Path) -> dict[tuple[str, str], float]:
         for dtype, key in (("float32", "gflops_fp32"), ("bfloat16", "gflops_bf16")):
             gflops = result["roofline"].get(key)
             if gflops:
-                where = (result["machine"]["cpu_class"], dtype)
+                where = (result["machine"]["cpu_class"], dtype, result["threads"])
                 roofs[where] = max(gflops, roofs.get(where, 0.0))
     return roofs
 
 
-def floor_seconds(flops: float, roofs: dict[tuple[str, str], float], cpu: str,
-                  dtype: str) -> float | None:
+def floor_seconds(flops: float, roofs: dict[tuple[str, str, int], float], cpu: str | None,
+                  dtype: str, threads: int) -> float | None:
     """Seconds at 100% of the class's measured roof; None where none was measured."""
-    gflops = roofs.get((cpu, dtype))
+    gflops = roofs.get((cpu, dtype, threads)) if cpu else None
     return flops / (gflops * 1e9) if gflops else None
 
 
@@ -380,8 +409,8 @@ def run_one(data: Any, params: dict[str, Any], recipe: str) -> dict[str, Any]:
         "test_acc_flip_tta": tta_acc,
         "model": model_config(params["model"]),
         "train": {k: params["train"][k] for k in
-                  ("epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr", "batch_size",
-                   "weight_decay", "label_smoothing", "augment")},
+                  ("optimizer", "epochs", "sam_start", "sam_every", "ema_decay", "rho", "lr",
+                   "batch_size", "weight_decay", "label_smoothing", "augment")},
     }
 
 
@@ -396,7 +425,7 @@ def shipped_accuracy(run: dict[str, Any], flip_tta: bool) -> float:
 
 
 def summarize(runs: list[dict[str, Any]], base: dict[str, Any],
-              roofs: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+              roofs: dict[tuple[str, str, int], float] | None = None) -> list[dict[str, Any]]:
     """One row per (CPU class, dtype, recipe): seeds, mean/std/min accuracy, mean seconds, the
     budget, and whether it is on that class's Pareto frontier (no other row both faster and more
     accurate). `base` is params.yaml (without --dtype): its evaluate.flip_tta decides the accuracy
@@ -414,18 +443,18 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any],
         recipe = RECIPES.get(name)
         cpu_class_of_runs = members[0]["cpu_class"]
         latest = members[-1]  # what the recipe trains now, for its FLOPs
-        forward = (forward_flops_per_image(build_model(latest["model"]))
-                   if "model" in latest and "train" in latest else None)
-        flops = training_flops(forward, latest["train"], val_fraction) if forward else None
+        cost = ModelCost.of(latest["model"]) if "model" in latest and "train" in latest else None
+        flops = training_flops(cost, latest["train"], val_fraction) if cost else None
         # a CPU posing as a lesser class has no measured roof of that class
         own_class = None if latest.get("isa_limit") else cpu_class_of_runs
         rows.append({
             "cpu_class": cpu, "dtype": dtype, "recipe": name,
             "train_tflops": flops / 1e12 if flops else None,
-            "multiply_adds": forward / 2 if forward else None,
-            "floor_s": floor_seconds(flops, roofs, own_class, dtype) if flops else None,
-            "budget_floors_s": {f"{c} {d}": floor_seconds(flops, roofs, c, d) if flops else None
-                                for c, d in BUDGET_CLASSES},
+            "multiply_adds": cost.forward if cost else None,
+            "floor_s": (floor_seconds(flops, roofs, own_class, dtype, latest["threads"])
+                        if flops else None),
+            "budget_floors_s": {(c, d): floor_seconds(flops, roofs, c, d, BUDGET_THREADS)
+                                if flops else None for c, d in BUDGET_CLASSES},
             "description": recipe.description if recipe else name,
             "seeds": sorted(m["seed"] for m in members),
             "test_acc_mean": statistics.fmean(accs),
@@ -455,60 +484,69 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any],
     return rows
 
 
-def budget_capacity(base: dict[str, Any],
-                    roofs: dict[tuple[str, str], float]) -> dict[str, float]:
-    """'CPU class dtype' -> the most multiply-adds per image a model may have for params.yaml's
-    schedule (epochs, batch, SAM phase) to train within the class's budget at 100% of its roof."""
-    per_forward_flop = training_flops(1.0, base["train"], base["preprocess"]["val_fraction"])
-    return {f"{cpu} {dtype}": BUDGET_S[dtype] * roofs[(cpu, dtype)] * 1e9 / per_forward_flop / 2
-            for cpu, dtype in BUDGET_CLASSES if (cpu, dtype) in roofs}
+def budget_capacity(base: dict[str, Any], roofs: dict[tuple[str, str, int], float]
+                    ) -> dict[tuple[str, str], float]:
+    """(CPU class, dtype) -> the most multiply-adds per image a model may have for params.yaml's
+    schedule (epochs, batch, SAM phase) to train within the class's budget at 100% of its roof
+    (the first layer's saved input gradient, under 0.5% of a step here, left out)."""
+    unit = ModelCost(forward=1, plain_step=3, sam_step=6)
+    per_forward_flop = training_flops(unit, base["train"], base["preprocess"]["val_fraction"])
+    return {(cpu, dtype): BUDGET_S[dtype] * roofs[cpu, dtype, BUDGET_THREADS] * 1e9
+            / per_forward_flop for cpu, dtype in BUDGET_CLASSES
+            if (cpu, dtype, BUDGET_THREADS) in roofs}
 
 
-def floor_section(rows: list[dict[str, Any]], capacity: dict[str, float]) -> list[str]:
-    """Each recipe's floor on the two budget classes: which recipes no kernel work can fit."""
-    by_recipe: dict[str, dict[str, Any]] = {}
+def most_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row with the most seeds (the better mean among rows with as many)."""
+    return max(rows, key=lambda r: (len(r["seeds"]), r["test_acc_mean"]))
+
+
+def floor_section(rows: list[dict[str, Any]],
+                  capacity: dict[tuple[str, str], float]) -> list[str]:
+    """Each recipe's floor on the two budget classes: which recipes cannot fit them at the
+    measured matmul rate."""
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["train_tflops"] is None:
-            continue
-        best = by_recipe.setdefault(r["recipe"], {**r, "best": r})
-        if (len(r["seeds"]), r["test_acc_mean"]) > (len(best["best"]["seeds"]),
-                                                    best["best"]["test_acc_mean"]):
-            best["best"] = r
-    heads = [f"{label} floor s (budget {BUDGET_S[label.split()[1]]:,} s)"
-             for label in (f"{c} {d}" for c, d in BUDGET_CLASSES)]
+        if r["train_tflops"] is not None:
+            by_recipe.setdefault(r["recipe"], []).append(r)
+    heads = [f"{cpu} {dtype} floor s (budget {BUDGET_S[dtype]:,} s)"
+             for cpu, dtype in BUDGET_CLASSES]
     lines = [
         "",
         "## The compute floor against the budgets",
         "",
-        "Each recipe's matmul FLOPs (convolutions and linear layers: 3 forwards per training "
-        "image, 3 more on SAM steps, the per-epoch validation's forward; BatchNorm, pooling and "
-        "the optimizer left out) at 100% of the matmul roof `bench/throughput.py` measured on "
-        "each budget class (`floor s` in the table above: the same on the row's own class, with "
-        "the share of the roof the run reached). A recipe whose floor is over a budget cannot "
-        "train within it on that class, whatever its kernels; one under it may or may not. "
-        "Accuracy: the recipe's row with the most seeds on any class (the better mean of "
-        "rows with as many).",
+        "Each recipe's matmul FLOPs (`fmnist.flops`: direct convolutions and linear layers, 3 "
+        "passes per training image and step but the first layer's input gradient, twice that "
+        "on SAM steps, the per-epoch validation's forward; BatchNorm, pooling and the "
+        "optimizer left out) at 100% of the matmul rate `bench/throughput.py` measured on each "
+        f"budget class at {BUDGET_THREADS} threads (a 2048x2048 matmul through torch; `floor s` "
+        "in the table above: the same on the row's own class, with the share of it the run "
+        "reached). A recipe over a budget here cannot fit it on that class at that rate with "
+        "direct convolutions; one under it may or may not. The roofs and the runs come from "
+        "different sessions of each class, whose VMs differ by 10-30%: read a margin smaller "
+        "than that as undecided. Accuracy: the recipe's row with the most seeds on any class "
+        "(the better mean among rows with as many).",
         "",
-        f"| recipe | M multiply-adds | training TFLOP | {' | '.join(heads)} | best test acc |",
+        f"| recipe | M multiply-adds | training TFLOP | {' | '.join(heads)} | test acc |",
         "|---|---:|---:|" + "---:|" * len(heads) + "---|",
     ]
-    for name, r in sorted(by_recipe.items(), key=lambda item: item[1]["train_tflops"]):
+    for name, members in sorted(by_recipe.items(), key=lambda item: item[1][0]["train_tflops"]):
+        r, best = members[0], most_seeds(members)
         floors = []
-        for label in (f"{c} {d}" for c, d in BUDGET_CLASSES):
-            seconds = r["budget_floors_s"].get(label)
-            budget = BUDGET_S[label.split()[1]]
-            floors.append("-" if seconds is None
-                          else f"{seconds:,.0f}" + (" **over**" if seconds > budget else ""))
-        best = r["best"]
+        for cpu, dtype in BUDGET_CLASSES:
+            seconds = r["budget_floors_s"][cpu, dtype]
+            over = seconds is not None and seconds > BUDGET_S[dtype]
+            floors.append("-" if seconds is None else f"{seconds:,.0f}" + (
+                f" **over by {seconds / BUDGET_S[dtype] - 1:.0%}**" if over else ""))
         lines.append(
             f"| {name} | {r['multiply_adds'] / 1e6:.1f} | {r['train_tflops']:,.1f} | "
             f"{' | '.join(floors)} | {best['test_acc_mean']:.2%} ({best['cpu_class']}, "
             f"{best['dtype']}, {plural(len(best['seeds']), 'seed')}) |"
         )
     if capacity:
-        lines += ["", "On params.yaml's schedule, the most a model may cost per image to fit a "
-                  "budget: " + "; ".join(
-                      capacity_phrase(label, macs, rows) for label, macs in capacity.items())
+        lines += ["", "On params.yaml's schedule (a shorter one allows a larger model), the most "
+                  "a model may cost per image to fit a budget: " + "; ".join(
+                      capacity_phrase(where, macs, rows) for where, macs in capacity.items())
                   + "."]
     return lines
 
@@ -517,18 +555,19 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def capacity_phrase(label: str, macs: float, rows: list[dict[str, Any]]) -> str:
+def capacity_phrase(where: tuple[str, str], macs: float, rows: list[dict[str, Any]]) -> str:
     """The class's capacity at the roof and at the best share of it any of its runs reached."""
     shares = [r["floor_s"] / r["train_seconds_mean"] for r in rows
-              if f"{r['cpu_class']} {r['dtype']}" == label and r["floor_s"] is not None]
-    phrase = f"{label} {macs / 1e6:.1f}M multiply-adds at 100% of the roof"
+              if (r["cpu_class"], r["dtype"]) == where and r["floor_s"] is not None]
+    phrase = f"{where[0]} {where[1]} {macs / 1e6:.1f}M multiply-adds at 100% of the roof"
     if shares:
         phrase += (f", {max(shares) * macs / 1e6:.1f}M at the best share of it a run reached "
                    f"there ({max(shares):.0%})")
     return phrase
 
 
-def markdown(rows: list[dict[str, Any]], capacity: dict[str, float] | None = None) -> str:
+def markdown(rows: list[dict[str, Any]],
+             capacity: dict[tuple[str, str], float] | None = None) -> str:
     lines = [
         "# Time to accuracy",
         "",

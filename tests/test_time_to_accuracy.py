@@ -195,66 +195,99 @@ def test_a_run_records_the_nan_fill_it_trained_with(keep_nan_fill_on: Callable[[
 
 
 def _train(**changes: Any) -> dict[str, Any]:
-    return {"epochs": 2, "batch_size": 100, "sam_start": 0.0, "sam_every": 1, **changes}
+    return {"optimizer": "sam", "epochs": 2, "batch_size": 128, "sam_start": 0.0,
+            "sam_every": 1, **changes}
 
 
-def test_the_floor_counts_sam_steps_twice_and_validation_once() -> None:
+def test_sam_images_are_counted_step_by_step_as_fit_runs_them() -> None:
     train_images, val_images = bench.split_sizes(0.1)
     assert (train_images, val_images) == (54_000, 6_000)  # preprocess's split of the 60,000
-    plain = bench.training_flops(1.0, _train(sam_start=1.0), 0.1)
-    assert plain == 2 * (3 * train_images + val_images)
-    full_sam = bench.training_flops(1.0, _train(), 0.1)
-    assert full_sam == 2 * (6 * train_images + val_images)
-    # SAM on every other step of the second half: a quarter of the steps
-    quarter = bench.training_flops(1.0, _train(sam_start=0.5, sam_every=2), 0.1)
-    assert quarter == pytest.approx(2 * (3.75 * train_images + val_images))
-    assert bench.training_flops(2.0, _train(), 0.1) == 2 * full_sam
+    # 422 steps an epoch, the last of 112 images
+    assert bench.sam_images(_train(), train_images) == 2 * 54_000
+    assert bench.sam_images(_train(sam_start=1.0), train_images) == 0
+    assert bench.sam_images(_train(sam_start=0.5), train_images) == 54_000  # the second epoch
+    # steps 422, 425, ..., 842 of 844: 141 full batches, the epoch's short last one not among them
+    assert bench.sam_images(_train(sam_start=0.5, sam_every=3), train_images) == 141 * 128
+    assert bench.sam_images(_train(optimizer="sgd"), train_images) == 0  # no SAM steps at all
+
+
+def test_the_floor_counts_each_image_s_step_and_the_validation_forward() -> None:
+    cost = bench.ModelCost(forward=10, plain_step=29, sam_step=58)
+    plain = bench.training_flops(cost, _train(sam_start=1.0), 0.1)
+    assert plain == 2 * (2 * 54_000 * 29 + 2 * 6_000 * 10)
+    half = bench.training_flops(cost, _train(sam_start=0.5), 0.1)
+    assert half == 2 * (54_000 * 29 + 54_000 * 58 + 2 * 6_000 * 10)
 
 
 def test_roofs_come_from_the_throughput_results_and_the_higher_one_wins(tmp_path: Path) -> None:
-    def write(name: str, cpu: str, fp32: float, bf16: float | None) -> None:
+    def write(name: str, cpu: str, fp32: float, bf16: float | None, threads: int = 2) -> None:
         (tmp_path / name).write_text(json.dumps(
-            {"machine": {"cpu_class": cpu},
+            {"machine": {"cpu_class": cpu}, "threads": threads,
              "roofline": {"gflops_fp32": fp32, "gflops_bf16": bf16}}))
 
     write("throughput.json", "AVX2", 190.0, None)
     write("throughput_avx2.json", "AVX2", 150.0, None)  # read last
+    write("throughput_avx2_1.json", "AVX2", 95.0, None, threads=1)
     write("throughput_avx512_bf16.json", "AVX512_BF16", 200.0, 400.0)
     (tmp_path / "throughput_avx512_bf16_repeats.json").write_text('{"runs": []}')
     assert bench.measured_roofs(tmp_path) == {
-        ("AVX2", "float32"): 190.0, ("AVX512_BF16", "float32"): 200.0,
-        ("AVX512_BF16", "bfloat16"): 400.0}
+        ("AVX2", "float32", 2): 190.0, ("AVX2", "float32", 1): 95.0,
+        ("AVX512_BF16", "float32", 2): 200.0, ("AVX512_BF16", "bfloat16", 2): 400.0}
 
 
-def _sized_run(recipe: str, channels: list[int], seconds: float, isa_limit: str = "") -> dict:
+def _sized_run(recipe: str, channels: list[int], seconds: float, isa_limit: str = "",
+               threads: int = 2) -> dict[str, Any]:
     model = {"channels": channels, "convs_per_block": 2, "batch_norm": True, "dropout": 0.1,
              "hidden": 512}
     return {**_run(isa_limit, 0.94, seconds), "recipe": recipe, "model": model,
-            "train": _train(epochs=16, batch_size=128, sam_start=0.75)}
+            "threads": threads, "train": _train(epochs=16, sam_start=0.75)}
 
 
 def test_a_recipe_whose_floor_is_over_a_budget_is_marked_and_its_share_shown() -> None:
     base = load_params(REPO / "params.yaml")
-    roofs = {("AVX2", "float32"): 200.0, ("AVX512_BF16", "bfloat16"): 400.0}
+    roofs = {("AVX2", "float32", 2): 200.0, ("AVX512_BF16", "bfloat16", 2): 400.0}
     small = _sized_run("late-e16", [16, 32, 64, 128], 600)
     wide = _sized_run("late-h16", [32, 64, 128, 256], 2_000)
     emulated = _sized_run("late-e16", [16, 32, 64, 128], 590, "ONEDNN_MAX_CPU_ISA=AVX2")
+    one_thread = {**_sized_run("late-e16", [16, 32, 64, 128], 1_100, threads=1), "seed": 1}
     rows = {(r["recipe"], r["cpu_class"]): r
             for r in bench.summarize([small, wide, emulated], base, roofs)}
     e16, h16 = rows["late-e16", "AVX2"], rows["late-h16", "AVX2"]
     assert h16["multiply_adds"] > 3.9 * e16["multiply_adds"]  # twice the width: ~4x
     assert e16["floor_s"] == pytest.approx(e16["train_tflops"] * 1e12 / 200e9)
     assert rows["late-e16", "AVX2 (emulated)"]["floor_s"] is None  # no roof of a posed class
+    # a roof measured at 2 threads says nothing of a 1-thread run
+    (alone,) = bench.summarize([one_thread], base, roofs)
+    assert alone["floor_s"] is None
     capacity = bench.budget_capacity(base, roofs)
     text = bench.markdown(list(rows.values()), capacity)
     share = e16["floor_s"] / 600
     assert f"| {e16['floor_s']:,.0f} ({share:.0%}) |" in text
     floor_rows = {line.split(" | ")[0]: line for line in text.splitlines()
                   if line.startswith("| late-")}
-    assert floor_rows["| late-h16"].count("**over**") == 2
-    assert "**over**" not in floor_rows["| late-e16"]
+    over = h16["budget_floors_s"]["AVX2", "float32"] / bench.BUDGET_S["float32"] - 1
+    assert f"**over by {over:.0%}**" in floor_rows["| late-h16"]
+    assert floor_rows["| late-h16"].count("**over by") == 2
+    assert "**over" not in floor_rows["| late-e16"]
     # the capacity is the model size whose floor is the budget exactly
-    macs = capacity["AVX2 float32"]
-    per_forward = bench.training_flops(1.0, base["train"], 0.1)
-    assert 2 * macs * per_forward / 200e9 == pytest.approx(bench.BUDGET_S["float32"])
-    assert f"AVX2 float32 {macs / 1e6:.1f}M multiply-adds" in text
+    macs = capacity["AVX2", "float32"]
+    unit = bench.ModelCost(forward=1, plain_step=3, sam_step=6)
+    assert macs * bench.training_flops(unit, base["train"], 0.1) / 200e9 == pytest.approx(
+        bench.BUDGET_S["float32"])
+    # and at the best share of the roof a run on that class reached: late-h16's, here
+    best = max(r["floor_s"] / r["train_seconds_mean"] for r in (e16, h16))
+    assert best == h16["floor_s"] / 2_000
+    assert (f"AVX2 float32 {macs / 1e6:.1f}M multiply-adds at 100% of the roof, "
+            f"{best * macs / 1e6:.1f}M at the best share of it a run reached there "
+            f"({best:.0%})") in text
+
+
+def test_the_floor_section_shows_the_row_with_the_most_seeds() -> None:
+    base = load_params(REPO / "params.yaml")
+    three = [{**_sized_run("late-e16", [16, 32, 64, 128], 600), "seed": s,
+              "test_acc_flip_tta": 0.94} for s in range(3)]
+    one = {**_sized_run("late-e16", [16, 32, 64, 128], 300), "cpu_class": "AVX512_BF16",
+           "dtype": "bfloat16", "test_acc_flip_tta": 0.95}
+    text = bench.markdown(bench.summarize([*three, one], base, {}), {})
+    (line,) = [line for line in text.splitlines() if line.startswith("| late-e16 |")]
+    assert line.endswith("| 94.00% (AVX2, float32, 3 seeds) |")
