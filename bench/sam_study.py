@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's fmnist, as the experime
 from fmnist import signals  # noqa: E402
 from fmnist.allocator import KEPT  # noqa: E402
 from fmnist.atomic import write_json, write_text  # noqa: E402
+from fmnist.constants import TRAIN_IMAGES  # noqa: E402
 from fmnist.errors import FmnistError  # noqa: E402
 from fmnist.model import (  # noqa: E402
     CONFIG_KEYS,
@@ -72,11 +73,11 @@ from fmnist.model import (  # noqa: E402
     model_config,
 )
 from fmnist.params import load_params, validate  # noqa: E402
+from fmnist.preprocess import val_count  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NAME_PREFIX = "ss"
 NAME_RE = re.compile(rf"^{NAME_PREFIX}-(?P<row>.+)-s(?P<seed>\d+)-(?P<token>[0-9a-f]{{6}})$")
-FULL_TRAIN_IMAGES = 60_000  # before the validation split
 OVERHEAD_S = 60.0  # per experiment besides training (DVC, preprocess, evaluate), until measured
 # Tiny data, one epoch, no flip TTA: the whole mechanism in about half a minute per experiment.
 SMOKE = {"preprocess.train_subset": 1000, "train.epochs": 1, "evaluate.flip_tta": False}
@@ -334,7 +335,7 @@ def predict_machine(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_images(params: dict[str, Any]) -> float:
-    full = FULL_TRAIN_IMAGES * (1 - params["preprocess"]["val_fraction"])
+    full = TRAIN_IMAGES - val_count(TRAIN_IMAGES, params["preprocess"]["val_fraction"])
     subset = params["preprocess"]["train_subset"]
     return float(min(subset, full) if subset else full)
 

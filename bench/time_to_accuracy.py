@@ -41,12 +41,13 @@ import torch
 from fmnist.accel import BF16_NATIVE_CLASSES, cpu_class, dtype_name, select_backend
 from fmnist.allocator import KEPT, OWN, keep_freed_memory
 from fmnist.atomic import write_json, write_text
-from fmnist.constants import PREPARED_FILE, RAW_BYTES
+from fmnist.constants import PREPARED_FILE, TRAIN_IMAGES
 from fmnist.data import load_prepared
 from fmnist.flops import multiply_adds, step_multiply_adds
 from fmnist.inference import predict_logits
 from fmnist.model import build_model, model_config
 from fmnist.params import load_params, schema, validate
+from fmnist.preprocess import val_count
 from fmnist.reproducibility import configure_torch, nan_fill
 from fmnist.train import fit
 
@@ -294,9 +295,6 @@ def class_label(run: dict[str, Any]) -> str:
 # (Winograd-style convolutions, which multiply less, are not counted); one under it may or may
 # not fit.
 
-# The training split every stored run trained on: the 60,000 training images (the IDX label
-# file's size less its 8-byte header) less params.yaml's validation fraction.
-TRAIN_IMAGES_ALL = RAW_BYTES["train-labels-idx1-ubyte.gz"] - 8
 # The classes the issue sets budgets for, in the dtype each is held to, on its 2 cores.
 BUDGET_CLASSES = (("AVX2", "float32"), ("AVX512_BF16", "bfloat16"))
 BUDGET_THREADS = 2
@@ -318,9 +316,9 @@ class ModelCost:
 
 
 def split_sizes(val_fraction: float) -> tuple[int, int]:
-    """(training, validation) images of the full split, as preprocess splits it."""
-    val = round(TRAIN_IMAGES_ALL * val_fraction)
-    return TRAIN_IMAGES_ALL - val, val
+    """(training, validation) images of the full split every stored run trained on."""
+    val = val_count(TRAIN_IMAGES, val_fraction)
+    return TRAIN_IMAGES - val, val
 
 
 def sam_images(train: dict[str, Any], train_images: int) -> int:

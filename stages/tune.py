@@ -4,6 +4,8 @@ seeds, and report what (if anything) to apply.
 It never changes params.yaml or models/: apply the result with the printed `dvc exp run`.
 """
 
+import time
+
 from fmnist.signals import handle_signals_while_importing
 
 STAGE = "tune"
@@ -21,9 +23,12 @@ def main(params: dict) -> None:
     from fmnist.tune_report import exp_run_command, write_reports
 
     data = load_prepared()
+    started = time.perf_counter()
     study = run_study(data, params)
+    searched = time.perf_counter()
     confirmation = run_confirmation(data, params, study)
-    summary = write_reports(study, params, TUNE_DIR, confirmation)
+    seconds = {"search": searched - started, "confirm": time.perf_counter() - searched}
+    summary = write_reports(study, params, TUNE_DIR, confirmation, seconds)
     print(f"tune: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
           f"{summary['compute_saved_fraction']:.0%} of the epochs saved")
     if confirmation is None:

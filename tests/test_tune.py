@@ -19,11 +19,13 @@ import yaml
 from optuna.trial import TrialState
 from project_files import write_prepared
 
+from fmnist.accel import cpu_class
 from fmnist.constants import CLASS_NAMES, TUNE_STUDY_DIR
 from fmnist.data import Prepared, Split
 from fmnist.errors import ParamsError
 from fmnist.params import load_params
 from fmnist.tune import (
+    STUDY_DB,
     check_space,
     grid_points,
     make_sampler,
@@ -113,6 +115,17 @@ def test_best_params_match_the_best_trial(tmp_path: Path) -> None:
     for name in ("history.png", "val_acc_vs_rho.png", "val_acc_vs_lr.png"):
         assert (out / "figures" / name).stat().st_size > 0
     assert len((out / "trials.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_run_json_says_how_long_each_part_took_and_on_what_machine(tmp_path: Path) -> None:
+    params = tiny_params(trials=1)
+    study = run_study(DATA, params, study_dir=tmp_path / "study", progress=False)
+    write_reports(study, params, tmp_path / "timed", seconds={"search": 1.5, "confirm": 0.25})
+    run = json.loads((tmp_path / "timed" / "run.json").read_text())
+    assert run["timing"] == {"search_seconds_this_run": 1.5, "confirm_seconds_this_run": 0.25}
+    assert run["machine"]["cpu_class"] == cpu_class()
+    write_reports(study, params, tmp_path / "untimed")  # a test's or a tool's call: no timings
+    assert "timing" not in json.loads((tmp_path / "untimed" / "run.json").read_text())
 
 
 def test_a_key_outside_the_space_is_plotted_at_its_fixed_value(tmp_path: Path) -> None:
@@ -266,6 +279,18 @@ def test_a_worker_started_from_the_command_line_joins_the_stage_study(tmp_path: 
     assert refused.stderr.startswith(f"tune: study {first.study_name}: params.yaml or the "
                                      "prepared data differ from it (they give fmnist-")
     assert optuna.get_all_study_names(url) == [first.study_name]
+
+
+def test_a_study_asked_for_where_no_tune_ran_leaves_no_database_behind(tmp_path: Path) -> None:
+    write_prepared(tmp_path, DATA)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(trials=1)))
+    absent = _tune_worker(tmp_path, "--study", "fmnist-000000000000")
+    assert absent.returncode == 1
+    database = (tmp_path / TUNE_STUDY_DIR).resolve() / STUDY_DB
+    assert absent.stderr.strip().splitlines() == [
+        f"tune: study fmnist-000000000000: no study here yet ({database} does not exist; the "
+        "tune stage creates it)"]
+    assert not (tmp_path / TUNE_STUDY_DIR).exists()
 
 
 # --- confirmation of the best with new seeds ----------------------------------------------------

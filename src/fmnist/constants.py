@@ -17,6 +17,8 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 28
 INPUT_SHAPE: tuple[int, int, int] = (1, IMAGE_SIZE, IMAGE_SIZE)
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, before preprocess draws validation
+TEST_IMAGES = 10_000
 
 # Pixels (uint8 0..255) map to [-1, 1] as (x / 255 - MEAN) / STD. Applied inside the model's
 # first layer (fmnist.model.Normalize), so every consumer feeds raw 0..255 values.
@@ -53,10 +55,10 @@ RAW_GZ_BYTES: dict[str, int] = {
 # Byte sizes of the decompressed IDX files (header + one byte per pixel or label): a gzip that
 # inflates past them is refused before the rest is read (a gzip bomb in a folder or a mirror).
 RAW_BYTES: dict[str, int] = {
-    "train-images-idx3-ubyte.gz": 16 + 60_000 * IMAGE_SIZE * IMAGE_SIZE,
-    "train-labels-idx1-ubyte.gz": 8 + 60_000,
-    "t10k-images-idx3-ubyte.gz": 16 + 10_000 * IMAGE_SIZE * IMAGE_SIZE,
-    "t10k-labels-idx1-ubyte.gz": 8 + 10_000,
+    "train-images-idx3-ubyte.gz": 16 + TRAIN_IMAGES * IMAGE_SIZE * IMAGE_SIZE,
+    "train-labels-idx1-ubyte.gz": 8 + TRAIN_IMAGES,
+    "t10k-images-idx3-ubyte.gz": 16 + TEST_IMAGES * IMAGE_SIZE * IMAGE_SIZE,
+    "t10k-labels-idx1-ubyte.gz": 8 + TEST_IMAGES,
 }
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")

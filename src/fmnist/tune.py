@@ -227,11 +227,16 @@ def trial_runtime(params: dict[str, Any]) -> str:
     return runtime_identity(select_backend(params["ipex"], params["train"]["device"]))
 
 
+def default_storage(study_dir: str | Path = TUNE_STUDY_DIR) -> Path:
+    """The SQLite file a study lives in without tune.storage."""
+    return Path(study_dir).resolve() / STUDY_DB
+
+
 def storage_url(storage: str | None, study_dir: str | Path = TUNE_STUDY_DIR) -> str:
     """tune.storage, or an SQLite file under checkpoints/tune/ (kept across runs, not DVC's)."""
     if storage:
         return storage
-    path = Path(study_dir).resolve() / STUDY_DB
+    path = default_storage(study_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -573,6 +578,10 @@ def _cli_worker(params: dict[str, Any], storage: str | None, study: str | None) 
 
 def _refuse_study(study: str, params: dict[str, Any], data: Prepared) -> None:
     """The one line for a --study that is not this params.yaml's: absent, or another's."""
+    if not params["tune"]["storage"] and not default_storage().exists():
+        # opening it would create the file (and its folder) only to say it is empty
+        raise FmnistError(f"study {study}: no study here yet ({default_storage()} does not "
+                          "exist; the tune stage creates it)")
     url = storage_url(params["tune"]["storage"])
     names = sorted(optuna.get_all_study_names(storage=open_storage(url)))
     if study not in names:

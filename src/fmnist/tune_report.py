@@ -13,6 +13,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from fmnist.accel import machine_description
 from fmnist.atomic import atomic_path, publish_dir, write_json, write_text
 from fmnist.constants import TUNE_DIR
 from fmnist.errors import FmnistError
@@ -272,13 +273,15 @@ def confirmation_lines(confirmation: Confirmation | None) -> list[str]:
 
 def write_reports(study: optuna.Study, params: dict[str, Any],
                   out_dir: str | Path = TUNE_DIR,
-                  confirmation: Confirmation | None = None) -> dict[str, Any]:
+                  confirmation: Confirmation | None = None,
+                  seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """Publish every tune output at once; returns the summary plus the `dvc exp run` command.
 
     metrics.json holds the one number to compare (the best validation accuracy); the search's
-    bookkeeping (trials, pruning, compute saved) and the confirmation go to run.json. With a
-    confirmation, the best named is the confirmed one, and best_params.yaml carries its
-    interval against params.yaml.
+    bookkeeping (trials, pruning, compute saved), the confirmation and, with `seconds` (what
+    each part took in this run: a resumed search's earlier trials are not in it), the machine
+    that timed them go to run.json. With a confirmation, the best named is the confirmed one,
+    and best_params.yaml carries its interval against params.yaml.
     """
     best = best_params(study)
     summary = summary_metrics(study, params)
@@ -297,8 +300,11 @@ def write_reports(study: optuna.Study, params: dict[str, Any],
         write_text(staging / "trials.csv", trials_csv(study))
         write_text(staging / "best_params.yaml", yaml.safe_dump(best, sort_keys=True))
         write_json(staging / "metrics.json", {"best_val_acc": summary["best_val_acc"]})
-        write_json(staging / "run.json",
-                   {k: v for k, v in summary.items() if k != "best_val_acc"})
+        run = {k: v for k, v in summary.items() if k != "best_val_acc"}
+        if seconds is not None:
+            run["timing"] = {f"{part}_seconds_this_run": value for part, value in seconds.items()}
+            run["machine"] = machine_description()
+        write_json(staging / "run.json", run)
         write_json(staging / "plots" / "history.json", history_records(study))
         for key in ("rho", "lr"):
             write_json(staging / "plots" / f"vs_{key}.json", versus_records(study, params, key))
