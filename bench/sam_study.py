@@ -73,7 +73,7 @@ from fmnist.model import (  # noqa: E402
     model_config,
 )
 from fmnist.params import load_params, validate  # noqa: E402
-from fmnist.preprocess import val_count  # noqa: E402
+from fmnist.preprocess import split_sizes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NAME_PREFIX = "ss"
@@ -335,7 +335,7 @@ def predict_machine(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_images(params: dict[str, Any]) -> float:
-    full = TRAIN_IMAGES - val_count(TRAIN_IMAGES, params["preprocess"]["val_fraction"])
+    full, _ = split_sizes(TRAIN_IMAGES, params["preprocess"]["val_fraction"])
     subset = params["preprocess"]["train_subset"]
     return float(min(subset, full) if subset else full)
 

@@ -477,7 +477,8 @@ def markdown(results: dict[str, Any], names: list[str], args: Any) -> str:
                else "bf16 not measured (emulated here)")
             + " (2048x2048 matmul); "
             f"model {roof['forward_mflops']:.1f} MFLOP forward per image, "
-            f"a SAM step ~6x that = {roof['sam_mflops']:.0f} MFLOP per image -> at most "
+            f"a SAM step {roof['sam_mflops'] / roof['forward_mflops']:.2f}x that "
+            f"(fmnist.flops) = {roof['sam_mflops']:.0f} MFLOP per image -> at most "
             f"{roof['roof_fp32']:,.0f} images/s fp32"
             + (f", {roof['roof_bf16']:,.0f} images/s bf16." if bf16_roof else "."),
             "",

@@ -47,7 +47,7 @@ from fmnist.flops import multiply_adds, step_multiply_adds
 from fmnist.inference import predict_logits
 from fmnist.model import build_model, model_config
 from fmnist.params import load_params, schema, validate
-from fmnist.preprocess import val_count
+from fmnist.preprocess import split_sizes
 from fmnist.reproducibility import configure_torch, nan_fill
 from fmnist.train import fit
 
@@ -315,12 +315,6 @@ class ModelCost:
                    step_multiply_adds(model, sam=True))
 
 
-def split_sizes(val_fraction: float) -> tuple[int, int]:
-    """(training, validation) images of the full split every stored run trained on."""
-    val = val_count(TRAIN_IMAGES, val_fraction)
-    return TRAIN_IMAGES - val, val
-
-
 def sam_images(train: dict[str, Any], train_images: int) -> int:
     """Training images that go through a SAM step: the steps from `sam_start` on, every
     `sam_every`-th, counted as fit counts them (a short last batch in each epoch); none but
@@ -340,7 +334,8 @@ def training_flops(cost: ModelCost, train: dict[str, Any], val_fraction: float) 
     """Matmul FLOPs of one full training run: each training image's plain step per epoch, a
     SAM step instead where SAM runs, and the per-epoch validation's forward. BatchNorm,
     pooling and the optimizer are left out: a floor."""
-    train_images, val_images = split_sizes(val_fraction)
+    # every stored run trained on the full training split
+    train_images, val_images = split_sizes(TRAIN_IMAGES, val_fraction)
     sam = sam_images(train, train_images)
     plain = train["epochs"] * train_images - sam
     validation = train["epochs"] * val_images

@@ -424,3 +424,12 @@ def test_a_top_k_outside_the_classes_is_a_usage_error(tmp_path: Path, top_k: str
     expected = (f"not an integer: {top_k!r}" if top_k == "three"
                 else f"must be 1 to 10 (the classes there are), got {top_k}")
     assert done.stderr.strip().splitlines()[-1].endswith(f"argument --top-k: {expected}")
+
+
+def test_classify_refuses_a_top_k_the_model_cannot_give(model_files: dict[str, Path]) -> None:
+    classifier = load_classifier(model_files["pth"])
+    image = np.zeros((28, 28), dtype=np.uint8)
+    assert len(predict.classify(classifier, [image], top_k=10)[0]) == 10
+    for top_k in (0, 11):
+        with pytest.raises(FmnistError, match=f"top_k {top_k}: must be 1 to 10"):
+            predict.classify(classifier, [image], top_k=top_k)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fmnist.constants import CLASS_NAMES, RAW_FILES
 from fmnist.errors import FmnistError
 from fmnist.idx import write_idx
-from fmnist.preprocess import prepare, split_train_val, stratified_indices
+from fmnist.preprocess import prepare, split_sizes, split_train_val, stratified_indices
 
 # Unbalanced on purpose: proportional rounding has something to get wrong.
 CLASS_COUNTS = [50, 40, 35, 30, 30, 30, 25, 25, 20, 15]
@@ -242,3 +242,9 @@ def test_label_noise_moves_exactly_that_fraction_of_train_labels_to_other_classe
     assert clean4 == {"train": 270, "val": 30, "test": 50}
     moved4 = _read(tmp_path / "seed4.h5")["train"][1] != _read(tmp_path / "clean4.h5")["train"][1]
     assert moved4.sum() == 108 and not np.array_equal(moved4, changed)
+
+
+def test_split_sizes_are_what_the_split_draws() -> None:
+    labels = np.repeat(np.arange(10), 7)
+    train, val = split_train_val(labels, 0.15, seed=0)
+    assert (len(train), len(val)) == split_sizes(70, 0.15) == (60, 10)

@@ -39,7 +39,8 @@ def layer_multiply_adds(model: nn.Module) -> list[int]:
         model.eval()
         with torch.no_grad():
             one_view = getattr(model, "_logits", model)
-            one_view(torch.zeros(1, *INPUT_SHAPE))
+            device = next(model.parameters()).device
+            one_view(torch.zeros(1, *INPUT_SHAPE, device=device))
     finally:
         model.train(was_training)
         for hook in hooks:

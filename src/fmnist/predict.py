@@ -182,8 +182,9 @@ def classify(
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
-    k = max(1, min(top_k, probs.shape[1]))
-    ranked = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    if not 1 <= top_k <= probs.shape[1]:
+        raise FmnistError(f"top_k {top_k}: must be 1 to {probs.shape[1]} (the model's classes)")
+    ranked = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
     return [
         [(classifier.class_names[i], int(i), float(row[i])) for i in order]
         for row, order in zip(probs, ranked, strict=True)

@@ -37,16 +37,17 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
-def val_count(images: int, val_fraction: float) -> int:
-    """How many of `images` training images the validation split takes."""
-    return round(images * val_fraction)
+def split_sizes(images: int, val_fraction: float) -> tuple[int, int]:
+    """(training, validation) images that `images` training images split into."""
+    val = round(images * val_fraction)
+    return images - val, val
 
 
 def split_train_val(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, val indices): a stratified validation share, drawn with `seed`."""
-    val = stratified_indices(labels, val_count(len(labels), val_fraction), seed)
+    val = stratified_indices(labels, split_sizes(len(labels), val_fraction)[1], seed)
     train = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
     return train, val
 

@@ -13,7 +13,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from fmnist.accel import machine_description
+from fmnist.accel import machine_description, select_backend
 from fmnist.atomic import atomic_path, publish_dir, write_json, write_text
 from fmnist.constants import TUNE_DIR
 from fmnist.errors import FmnistError
@@ -303,7 +303,10 @@ def write_reports(study: optuna.Study, params: dict[str, Any],
         run = {k: v for k, v in summary.items() if k != "best_val_acc"}
         if seconds is not None:
             run["timing"] = {f"{part}_seconds_this_run": value for part, value in seconds.items()}
-            run["machine"] = machine_description()
+            backend = select_backend(params["ipex"], params["train"]["device"])
+            # threads: the confirmation's; the search's workers split the cores between them
+            run["machine"] = {**machine_description(backend),
+                              "search_workers": params["tune"]["workers"]}
         write_json(staging / "run.json", run)
         write_json(staging / "plots" / "history.json", history_records(study))
         for key in ("rho", "lr"):
