@@ -39,7 +39,7 @@ from fmnist.accel import Backend, cpu_bf16_native, cpu_class, ipex_status, selec
 from fmnist.allocator import applied, keep_freed_memory
 from fmnist.constants import NORM_MEAN, NORM_STD, PREPARED_FILE
 from fmnist.errors import FmnistError
-from fmnist.flops import multiply_adds, step_multiply_adds
+from fmnist.flops import cost
 from fmnist.model import build_model
 from fmnist.params import load_params
 from fmnist.reproducibility import configure_torch, nan_fill, seed_everything
@@ -550,9 +550,9 @@ def targets(rows: dict[str, Any], base: float | None) -> list[str]:
 
 
 def roofline(params: dict) -> dict[str, float]:
-    model = build_model(params["model"])
-    forward = 2 * multiply_adds(model)
-    sam = 2 * step_multiply_adds(model, sam=True)
+    model_cost = cost(build_model(params["model"]))
+    forward = 2 * model_cost.forward
+    sam = 2 * model_cost.sam_step
     fp32 = matmul_gflops(torch.float32)
     # Emulated bf16 matmuls take minutes on an AVX2-only CPU and bound nothing we run there.
     bf16 = matmul_gflops(torch.bfloat16) if cpu_bf16_native() else None

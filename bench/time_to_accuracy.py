@@ -43,7 +43,7 @@ from fmnist.allocator import KEPT, OWN, keep_freed_memory
 from fmnist.atomic import write_json, write_text
 from fmnist.constants import PREPARED_FILE, TRAIN_IMAGES
 from fmnist.data import load_prepared
-from fmnist.flops import multiply_adds, step_multiply_adds
+from fmnist.flops import Cost, cost
 from fmnist.inference import predict_logits
 from fmnist.model import build_model, model_config
 from fmnist.params import load_params, schema, validate
@@ -300,21 +300,6 @@ BUDGET_CLASSES = (("AVX2", "float32"), ("AVX512_BF16", "bfloat16"))
 BUDGET_THREADS = 2
 
 
-@dataclass(frozen=True)
-class ModelCost:
-    """Multiply-adds per image: one forward, one plain training step, one SAM step."""
-
-    forward: int
-    plain_step: int
-    sam_step: int
-
-    @classmethod
-    def of(cls, model_config: dict[str, Any]) -> ModelCost:
-        model = build_model(model_config)
-        return cls(multiply_adds(model), step_multiply_adds(model, sam=False),
-                   step_multiply_adds(model, sam=True))
-
-
 def sam_images(train: dict[str, Any], train_images: int) -> int:
     """Training images that go through a SAM step: the steps from `sam_start` on, every
     `sam_every`-th, counted as fit counts them (a short last batch in each epoch); none but
@@ -330,7 +315,7 @@ def sam_images(train: dict[str, Any], train_images: int) -> int:
                for step in range(sam_from, steps, train["sam_every"]))
 
 
-def training_flops(cost: ModelCost, train: dict[str, Any], val_fraction: float) -> float:
+def training_flops(model_cost: Cost, train: dict[str, Any], val_fraction: float) -> float:
     """Matmul FLOPs of one full training run: each training image's plain step per epoch, a
     SAM step instead where SAM runs, and the per-epoch validation's forward. BatchNorm,
     pooling and the optimizer are left out: a floor."""
@@ -339,7 +324,8 @@ def training_flops(cost: ModelCost, train: dict[str, Any], val_fraction: float) 
     sam = sam_images(train, train_images)
     plain = train["epochs"] * train_images - sam
     validation = train["epochs"] * val_images
-    macs = plain * cost.plain_step + sam * cost.sam_step + validation * cost.forward
+    macs = (plain * model_cost.plain_step + sam * model_cost.sam_step
+            + validation * model_cost.forward)
     return 2.0 * macs
 
 
@@ -436,14 +422,15 @@ def summarize(runs: list[dict[str, Any]], base: dict[str, Any],
         recipe = RECIPES.get(name)
         cpu_class_of_runs = members[0]["cpu_class"]
         latest = members[-1]  # what the recipe trains now, for its FLOPs
-        cost = ModelCost.of(latest["model"]) if "model" in latest and "train" in latest else None
-        flops = training_flops(cost, latest["train"], val_fraction) if cost else None
+        model_cost = (cost(build_model(latest["model"]))
+                      if "model" in latest and "train" in latest else None)
+        flops = training_flops(model_cost, latest["train"], val_fraction) if model_cost else None
         # a CPU posing as a lesser class has no measured roof of that class
         own_class = None if latest.get("isa_limit") else cpu_class_of_runs
         rows.append({
             "cpu_class": cpu, "dtype": dtype, "recipe": name,
             "train_tflops": flops / 1e12 if flops else None,
-            "multiply_adds": cost.forward if cost else None,
+            "multiply_adds": model_cost.forward if model_cost else None,
             "floor_s": (floor_seconds(flops, roofs, own_class, dtype, latest["threads"])
                         if flops else None),
             "budget_floors_s": {(c, d): floor_seconds(flops, roofs, c, d, BUDGET_THREADS)
@@ -482,7 +469,7 @@ def budget_capacity(base: dict[str, Any], roofs: dict[tuple[str, str, int], floa
     """(CPU class, dtype) -> the most multiply-adds per image a model may have for params.yaml's
     schedule (epochs, batch, SAM phase) to train within the class's budget at 100% of its roof
     (the first layer's saved input gradient, under 0.5% of a step here, left out)."""
-    unit = ModelCost(forward=1, plain_step=3, sam_step=6)
+    unit = Cost(forward=1, plain_step=3, sam_step=6)
     per_forward_flop = training_flops(unit, base["train"], base["preprocess"]["val_fraction"])
     return {(cpu, dtype): BUDGET_S[dtype] * roofs[cpu, dtype, BUDGET_THREADS] * 1e9
             / per_forward_flop for cpu, dtype in BUDGET_CLASSES

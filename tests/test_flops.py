@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fmnist.flops import layer_multiply_adds, multiply_adds, step_multiply_adds
+from fmnist.flops import cost, layer_multiply_adds, multiply_adds
 from fmnist.model import build_model
 from fmnist.params import load_params
 
@@ -29,7 +29,9 @@ def test_multiply_adds_counts_every_conv_and_linear_layer_once_per_image() -> No
 
 def test_a_step_is_three_passes_but_the_image_s_gradient_and_sam_two_steps() -> None:
     model = _model([2], 1)
+    model_cost = cost(model)
+    assert model_cost.forward == 14_112 + 2_010
     # the first conv (14,112) forward and weight gradient only; the rest (2,010) three passes
-    assert step_multiply_adds(model, sam=False) == 2 * 14_112 + 3 * 2_010 == 34_254
-    assert step_multiply_adds(model, sam=True) == 68_508
+    assert model_cost.plain_step == 2 * 14_112 + 3 * 2_010 == 34_254
+    assert model_cost.sam_step == 68_508
     assert model.training  # counting leaves the model as it found it

@@ -19,6 +19,7 @@ from project_files import load_bench_script
 from fmnist.constants import CLASS_NAMES
 from fmnist.data import Prepared, Split
 from fmnist.errors import ParamsError
+from fmnist.flops import Cost
 from fmnist.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +212,7 @@ def test_sam_images_are_counted_step_by_step_as_fit_runs_them() -> None:
 
 
 def test_the_floor_counts_each_image_s_step_and_the_validation_forward() -> None:
-    cost = bench.ModelCost(forward=10, plain_step=29, sam_step=58)
+    cost = Cost(forward=10, plain_step=29, sam_step=58)
     plain = bench.training_flops(cost, _train(sam_start=1.0), 0.1)
     assert plain == 2 * (2 * 54_000 * 29 + 2 * 6_000 * 10)
     half = bench.training_flops(cost, _train(sam_start=0.5), 0.1)
@@ -270,7 +271,7 @@ def test_a_recipe_whose_floor_is_over_a_budget_is_marked_and_its_share_shown() -
     assert "**over" not in floor_rows["| late-e16"]
     # the capacity is the model size whose floor is the budget exactly
     macs = capacity["AVX2", "float32"]
-    unit = bench.ModelCost(forward=1, plain_step=3, sam_step=6)
+    unit = Cost(forward=1, plain_step=3, sam_step=6)
     assert macs * bench.training_flops(unit, base["train"], 0.1) / 200e9 == pytest.approx(
         bench.BUDGET_S["float32"])
     # and at the best share of the roof a run on that class reached: late-h16's, here

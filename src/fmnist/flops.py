@@ -9,6 +9,7 @@ image, whose gradient nobody needs, so that layer costs two. A SAM step is two s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,9 +54,19 @@ def multiply_adds(model: nn.Module) -> int:
     return sum(layer_multiply_adds(model))
 
 
-def step_multiply_adds(model: nn.Module, sam: bool) -> int:
-    """Per training image, one plain step (or one SAM step): every layer's three passes but the
-    first layer's input gradient."""
+@dataclass(frozen=True)
+class Cost:
+    """Multiply-adds per image: one forward, one plain training step, one SAM step."""
+
+    forward: int
+    plain_step: int
+    sam_step: int
+
+
+def cost(model: nn.Module) -> Cost:
+    """The model's Cost: every layer's three passes per step but the first layer's input
+    gradient; a SAM step two such passes."""
     layers = layer_multiply_adds(model)
-    plain = PASSES_PER_STEP * sum(layers) - (layers[0] if layers else 0)
-    return SAM_PASSES * plain if sam else plain
+    forward = sum(layers)
+    plain = PASSES_PER_STEP * forward - (layers[0] if layers else 0)
+    return Cost(forward, plain, SAM_PASSES * plain)
