@@ -63,6 +63,8 @@ RAW_BYTES: dict[str, int] = {
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+URL_SCHEMES = ("http", "https")  # the data.sources the download stage fetches; others are refused
+
 PT2_SUFFIX = ".pt2"  # torch.export programs (fmnist.pt2)
 ONNX_SUFFIX = ".onnx"  # export.onnx writes one; onnxruntime runs it, fmnist predict does not
 

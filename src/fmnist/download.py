@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fmnist.atomic import DISK_ERRNOS, atomic_path
-from fmnist.constants import RAW_BYTES, RAW_FILES, RAW_GZ_BYTES, RAW_SHA256
+from fmnist.constants import RAW_BYTES, RAW_FILES, RAW_GZ_BYTES, RAW_SHA256, URL_SCHEMES
 from fmnist.errors import FmnistError, OutputError
 
 CHUNK = 1 << 20
@@ -58,7 +58,7 @@ def decompressed_sha256(path: Path, limit: int | None = None) -> str:
 
 
 def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
+    return source.startswith(tuple(f"{scheme}://" for scheme in URL_SCHEMES))
 
 
 def default_deadline(name: str, timeout: float) -> float:

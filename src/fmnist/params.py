@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from fmnist.constants import PARAMS_FILE
+from fmnist.constants import PARAMS_FILE, URL_SCHEMES
 from fmnist.errors import ParamsError
 
 
@@ -159,7 +159,7 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
     """Rules that JSON Schema cannot express (or not in a message a user reads)."""
     for index, place in enumerate(params["data"]["sources"]):
         scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", place)
-        if scheme and scheme.group(1) not in ("http", "https"):  # download matches them exactly
+        if scheme and scheme.group(1) not in URL_SCHEMES:  # download matches them exactly
             raise ParamsError(f"{source}: data.sources.{index}: {place!r}: only http:// and "
                               "https:// URLs are fetched (or give a local folder)")
     train = params["train"]
